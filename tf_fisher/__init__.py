@@ -1,0 +1,22 @@
+"""tf_fisher: the Fisher measures of Liao et al. (TPAMI 2020) for Keras.
+
+The public names are the Gram matrix of per-example gradients
+(`gram_matrix`), a model wrapper whose training step measures it
+(`FisherModel`), and the callback that records the measures
+(`FisherCallback`).
+"""
+
+from tf_fisher.callbacks import FisherCallback
+from tf_fisher.gram import gram_matrix
+from tf_fisher.measures import RunningMeasures
+from tf_fisher.measures import spectrum_statistics
+from tf_fisher.model import FisherModel
+
+__all__ = [
+    "FisherCallback",
+    "FisherModel",
+    "RunningMeasures",
+    "gram_matrix",
+    "spectrum_statistics",
+]
+__version__ = "0.1.0"

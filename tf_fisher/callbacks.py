@@ -1,0 +1,202 @@
+"""Keras callbacks that record the Fisher measures of a `FisherModel`."""
+
+import csv
+import math
+import os
+
+import keras
+import tensorflow as tf
+
+from tf_fisher import measures
+
+# Per-sample CSV columns, in order.
+SAMPLE_COLUMNS = (
+    ("step", "epoch", "learning_rate")
+    + measures.PROBE_KEYS
+    + (
+        "fisher_energy",
+        "mean_condition_number",
+        "cumulative_fisher_energy",
+    )
+)
+
+# Keys that `FisherCallback` adds to the logs of every epoch.
+EPOCH_KEYS = ("mean_condition_number", "cumulative_fisher_energy")
+
+
+class AppendingCSV:
+    """A CSV file that gets one row at a time and is flushed after each.
+
+    An existing file is appended to, so a run resumed in a new process keeps
+    its rows; the header is written only when the file is new or empty.
+
+    Args:
+        path: file to write.
+        columns: column names, in order.
+    """
+
+    def __init__(self, path, columns):
+        self.path = path
+        self.columns = tuple(columns)
+        self._file = None
+        self._writer = None
+
+    def write(self, row):
+        """Append `row` (a dict; missing columns are left empty), flush."""
+        if self._file is None:
+            self._open()
+        self._writer.writerow({key: row.get(key, "") for key in self.columns})
+        self._file.flush()
+
+    def _open(self):
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        is_new = not os.path.exists(self.path) or not os.path.getsize(self.path)
+        # Kept open across rows; closed by close().
+        self._file = open(self.path, "a", newline="")  # noqa: SIM115
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
+        if is_new:
+            self._writer.writeheader()
+            self._file.flush()
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = self._writer = None
+
+
+class FisherCallback(keras.callbacks.Callback):
+    """Records the Fisher measures of a `tf_fisher.FisherModel`.
+
+    After each probed step it reads the probe's measures from the model,
+    computes l_k = (α_k / B_k) · sqrt(Tr F) with the learning rate in force,
+    and updates the running C̄_K and L_K (`tf_fisher.measures.RunningMeasures`).
+    Each sample becomes a CSV row, written and flushed as it comes, and
+    TensorBoard scalars `batch_*` at the global step. At each epoch end it
+    adds `mean_condition_number` (C̄_K) and `cumulative_fisher_energy` (L_K)
+    to the epoch logs, so `History` and later callbacks see them, and writes
+    them as `epoch_*` TensorBoard scalars.
+
+    One instance may serve several `fit` calls (for example the stages of a
+    batch-size schedule): the measures keep accumulating across them.
+
+    Args:
+        output_dir: folder for `samples.csv`; None writes no CSV.
+        tensorboard_dir: folder for the TensorBoard event files; None writes
+            none.
+        stop_on_divergence: stop training when a probed Gram trace or the
+            epoch loss is NaN or infinite.
+
+    Attributes:
+        running: the `RunningMeasures` of the run.
+        samples: list of per-sample dicts, keyed by `SAMPLE_COLUMNS`.
+        diverged_at: None, or a message saying where training diverged.
+    """
+
+    def __init__(
+        self, output_dir=None, tensorboard_dir=None, stop_on_divergence=True
+    ):
+        super().__init__()
+        self.running = measures.RunningMeasures()
+        self.samples = []
+        self.diverged_at = None
+        self.stop_on_divergence = stop_on_divergence
+        self._csv = None
+        if output_dir is not None:
+            self._csv = AppendingCSV(
+                os.path.join(output_dir, "samples.csv"), SAMPLE_COLUMNS
+            )
+        self._writer = None
+        if tensorboard_dir is not None:
+            self._writer = tf.summary.create_file_writer(tensorboard_dir)
+        self._epoch = 0
+
+    def set_model(self, model):
+        if not hasattr(model, "probe_values"):
+            raise ValueError(
+                "FisherCallback needs a tf_fisher.FisherModel, which computes "
+                f"the measures. Received: a {type(model).__name__}. Wrap the "
+                "network with tf_fisher.FisherModel(network)."
+            )
+        super().set_model(model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.running.add_iterations(1)
+        if not measures.is_probe_step(batch, self.model.fisher_interval):
+            return
+        row = self._read_probe()
+        self.samples.append(row)
+        if self._csv is not None:
+            self._csv.write(row)
+        self._write_scalars("batch_", row, row["step"])
+        if not math.isfinite(row["trace"]):
+            self._diverge(
+                f"the Gram trace is {row['trace']} at step {row['step']} "
+                f"(epoch {self._epoch + 1})"
+            )
+
+    def _read_probe(self):
+        values = {
+            key: float(variable.numpy())
+            for key, variable in self.model.probe_values.items()
+        }
+        learning_rate = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
+        energy = measures.fisher_energy(
+            learning_rate, values["batch_size"], values["trace"]
+        )
+        if not math.isfinite(values["trace"]):
+            energy = math.nan
+        self.running.add_sample(values["condition_number"], energy)
+        row = dict(values)
+        row.update(
+            step=self.running.num_iterations,
+            epoch=self._epoch + 1,
+            learning_rate=learning_rate,
+            batch_size=int(values["batch_size"]),
+            rank=int(values["rank"]),
+            fisher_energy=energy,
+            mean_condition_number=self.running.mean_condition_number,
+            cumulative_fisher_energy=self.running.cumulative_energy,
+        )
+        return row
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            logs = {}
+        epoch_values = {
+            "mean_condition_number": self.running.mean_condition_number,
+            "cumulative_fisher_energy": self.running.cumulative_energy,
+        }
+        logs.update(epoch_values)
+        self._write_scalars("epoch_", epoch_values, epoch)
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._diverge(f"the training loss is {loss} in epoch {epoch + 1}")
+
+    def _diverge(self, reason):
+        if self.diverged_at is None:
+            self.diverged_at = reason
+        if self.stop_on_divergence:
+            self.model.stop_training = True
+
+    def _write_scalars(self, prefix, values, step):
+        if self._writer is None:
+            return
+        with self._writer.as_default(step=int(step)):
+            for key, value in values.items():
+                if key in ("step", "epoch"):
+                    continue
+                tf.summary.scalar(prefix + key, float(value))
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._csv is not None:
+            self._csv.close()
+        if self._writer is not None:
+            self._writer.flush()

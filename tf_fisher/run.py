@@ -1,0 +1,328 @@
+"""One training run: data, model, recipe, measures, and the run folder.
+
+A run folder holds:
+
+* `config.json`: the resolved configuration, written before training.
+* `samples.csv`: one row per probed iteration (see
+  `tf_fisher.callbacks.SAMPLE_COLUMNS`), flushed as it comes.
+* `epochs.csv`: one row per epoch (`EPOCH_COLUMNS`), flushed as it comes.
+* `tensorboard/`: event files; `train/` and `validation/` from Keras'
+  TensorBoard callback, `fisher/` with the measures.
+* `summary.json`: written atomically at the end, with `status` "completed"
+  or "diverged".
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+from absl import logging
+
+from tf_fisher import callbacks as fisher_callbacks
+from tf_fisher import data
+from tf_fisher import measures
+from tf_fisher import models
+from tf_fisher import schedules
+from tf_fisher.model import FisherModel
+
+EPOCH_COLUMNS = (
+    "epoch",
+    "stage",
+    "batch_size",
+    "learning_rate",
+    "loss",
+    "train_error",
+    "test_loss",
+    "test_error",
+    "mean_condition_number",
+    "cumulative_fisher_energy",
+    "num_iterations",
+    "num_samples",
+    "epoch_seconds",
+    "elapsed_seconds",
+)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a training run.
+
+    Attributes:
+        dataset: one of `tf_fisher.data.DATASET_NAMES`.
+        model: one of `tf_fisher.models.MODEL_NAMES`.
+        epochs: total number of epochs.
+        learning_rate: initial learning rate, dropped ×0.1 at 50% and 75%.
+        batch_sizes: batch size of each stage; stages split the epochs (see
+            `stages`). One entry trains with a fixed batch size.
+        schedule: the batch-size schedule's name, for records only.
+        seed: seed of weights, shuffling and augmentation.
+        fisher_interval: probe steps 1, 1 + N, ... of each epoch.
+        eigenvalue_tolerance: relative tolerance for nonzero eigenvalues.
+        momentum: Nesterov momentum.
+        weight_decay: L2 coefficient, kept out of J.
+        gram_method: "fast" or "tape".
+        data_dir: TensorFlow Datasets folder, or None for its default.
+        output_dir: the run folder.
+        stage_epochs: explicit epoch ranges, `[[first, end], ...]` 0-based,
+            one per batch size; None splits the epochs evenly.
+        verbose: Keras progress bar mode passed to `fit`.
+    """
+
+    dataset: str = "mnist5k"
+    model: str = "mlp"
+    epochs: int = 10
+    learning_rate: float = 0.05
+    batch_sizes: tuple = (32,)
+    schedule: str = ""
+    seed: int = 0
+    fisher_interval: int = 50
+    eigenvalue_tolerance: float = measures.DEFAULT_TOLERANCE
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    gram_method: str = "fast"
+    data_dir: str = None
+    output_dir: str = "runs/default"
+    stage_epochs: list = None
+    verbose: int = 0
+
+    def stages(self):
+        """Return the batch-size stages of this run."""
+        if self.stage_epochs is not None:
+            return [
+                schedules.Stage(size, first, end)
+                for size, (first, end) in zip(
+                    self.batch_sizes, self.stage_epochs
+                )
+            ]
+        return schedules.even_stages(self.batch_sizes, self.epochs)
+
+
+def write_json_atomically(path, content):
+    """Write `content` as JSON to `path` through a temporary file and rename,
+    so readers never see a partial file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as file:
+        json.dump(content, file, indent=2, sort_keys=True, default=_to_json)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _to_json(value):
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"Cannot write {type(value).__name__} as JSON")
+
+
+def read_summary(output_dir):
+    """Return the run's summary dict, or None if the run has not finished."""
+    path = os.path.join(output_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as file:
+        return json.load(file)
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Writes one `epochs.csv` row and one log line per epoch.
+
+    Place it after `FisherCallback`, which adds the measures to the logs.
+    """
+
+    def __init__(self, output_dir, num_epochs, running):
+        super().__init__()
+        self._csv = fisher_callbacks.AppendingCSV(
+            os.path.join(output_dir, "epochs.csv"), EPOCH_COLUMNS
+        )
+        self.num_epochs = num_epochs
+        self.running = running
+        self.rows = []
+        self.stage = 0
+        self.batch_size = None
+        self.start_time = time.time()
+        self._epoch_start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        row = _epoch_row(epoch, logs)
+        row.update(
+            stage=self.stage,
+            batch_size=self.batch_size,
+            learning_rate=float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            ),
+            num_iterations=self.running.num_iterations,
+            num_samples=self.running.num_samples,
+            epoch_seconds=time.time() - self._epoch_start,
+            elapsed_seconds=time.time() - self.start_time,
+        )
+        self.rows.append(row)
+        self._csv.write(row)
+        logging.info(
+            "epoch %d/%d  batch %d  lr %.4g  loss %.4f  train error %.2f%%  "
+            "test error %.2f%%  C_K %.4g  L_K %.4g  %.1f s",
+            epoch + 1, self.num_epochs, self.batch_size,
+            row["learning_rate"], row["loss"], 100 * row["train_error"],
+            100 * row["test_error"], row["mean_condition_number"],
+            row["cumulative_fisher_energy"], row["epoch_seconds"],
+        )
+
+    def on_train_end(self, logs=None):
+        self._csv.close()
+
+
+def _epoch_row(epoch, logs):
+    def value(key):
+        return float(logs[key]) if key in logs else math.nan
+
+    return {
+        "epoch": epoch + 1,
+        "loss": value("loss"),
+        "train_error": 1.0 - value("accuracy"),
+        "test_loss": value("val_loss"),
+        "test_error": 1.0 - value("val_accuracy"),
+        "mean_condition_number": value("mean_condition_number"),
+        "cumulative_fisher_energy": value("cumulative_fisher_energy"),
+    }
+
+
+def build_fisher_model(config, splits):
+    """Build and compile the `FisherModel` of a run (SGD, Nesterov)."""
+    keras.utils.set_random_seed(config.seed)
+    network = models.build_model(
+        config.model, splits.input_shape, splits.num_classes, seed=config.seed
+    )
+    model = FisherModel(
+        network,
+        fisher_interval=config.fisher_interval,
+        eigenvalue_tolerance=config.eigenvalue_tolerance,
+        weight_decay=config.weight_decay,
+        gram_method=config.gram_method,
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            learning_rate=config.learning_rate,
+            momentum=config.momentum,
+            nesterov=config.momentum > 0,
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def check_batch_sizes(batch_sizes, num_train):
+    """Raise ValueError unless every batch size is in [1, num_train]."""
+    for size in batch_sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(
+                f"Invalid batch size {size!r}: expected a positive integer."
+            )
+        if size > num_train:
+            raise ValueError(
+                f"Invalid batch size {size}: the training set has only "
+                f"{num_train} examples. Use a batch size of at most "
+                f"{num_train}."
+            )
+
+
+def train(config):
+    """Train one run and write its folder. Return the summary dict.
+
+    Raises:
+        ValueError: for an invalid configuration (before anything is written).
+        tf_fisher.data.DatasetNotFoundError: when the dataset is not prepared.
+    """
+    stages = config.stages()
+    splits = data.load_dataset(config.dataset, config.data_dir)
+    check_batch_sizes([stage.batch_size for stage in stages], splits.num_train)
+    os.makedirs(config.output_dir, exist_ok=True)
+    write_json_atomically(
+        os.path.join(config.output_dir, "config.json"),
+        dataclasses.asdict(config),
+    )
+    logging.info(
+        "Training %s on %s (%d train, %d test examples) for %d epochs into %s",
+        config.model, config.dataset, splits.num_train,
+        len(splits.test_labels), config.epochs, config.output_dir,
+    )
+    model = build_fisher_model(config, splits)
+    summary = _fit_stages(model, config, splits, stages)
+    write_json_atomically(
+        os.path.join(config.output_dir, "summary.json"), summary
+    )
+    logging.info(
+        "Run %s: %s in %.1f s, test error %.2f%%, C_K %.4g, L_K %.4g",
+        config.output_dir, summary["status"], summary["wall_seconds"],
+        100 * summary["final"]["test_error"],
+        summary["final"]["mean_condition_number"],
+        summary["final"]["cumulative_fisher_energy"],
+    )
+    return summary
+
+
+def _fit_stages(model, config, splits, stages):
+    tensorboard_dir = os.path.join(config.output_dir, "tensorboard")
+    fisher = fisher_callbacks.FisherCallback(
+        config.output_dir, os.path.join(tensorboard_dir, "fisher")
+    )
+    recorder = EpochRecorder(config.output_dir, config.epochs, fisher.running)
+    test_data = data.eval_pipeline(
+        splits.test_images, splits.test_labels, batch_size=500
+    )
+    callbacks = [
+        schedules.StepDecay(config.learning_rate, config.epochs),
+        keras.callbacks.TensorBoard(tensorboard_dir, write_graph=False),
+        fisher,
+        recorder,
+    ]
+    stage_records = []
+    for index, stage in enumerate(stages):
+        recorder.stage = index
+        recorder.batch_size = stage.batch_size
+        start = time.time()
+        model.fit(
+            data.train_pipeline(splits, stage.batch_size, config.seed),
+            validation_data=test_data,
+            initial_epoch=stage.first_epoch,
+            epochs=stage.end_epoch,
+            callbacks=callbacks,
+            verbose=config.verbose,
+        )
+        stage_records.append(
+            {
+                "batch_size": stage.batch_size,
+                "first_epoch": stage.first_epoch + 1,
+                "last_epoch": stage.end_epoch,
+                "wall_seconds": time.time() - start,
+            }
+        )
+        if fisher.diverged_at is not None:
+            logging.error(
+                "Run %s diverged: %s. Its records so far are kept.",
+                config.output_dir, fisher.diverged_at,
+            )
+            break
+    return _summary(config, recorder, fisher, stage_records)
+
+
+def _summary(config, recorder, fisher, stage_records):
+    final = recorder.rows[-1] if recorder.rows else {}
+    return {
+        "status": "diverged" if fisher.diverged_at else "completed",
+        "diverged_at": fisher.diverged_at,
+        "config": dataclasses.asdict(config),
+        "schedule": config.schedule,
+        "stages": stage_records,
+        "epochs_completed": len(recorder.rows),
+        "wall_seconds": time.time() - recorder.start_time,
+        "final": {key: final.get(key, math.nan) for key in EPOCH_COLUMNS},
+        "measures": fisher.running.state(),
+    }

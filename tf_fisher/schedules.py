@@ -1,0 +1,234 @@
+"""Learning-rate and batch-size schedules of the training recipe.
+
+The learning rate is multiplied by 0.1 at 50% and again at 75% of the epochs
+(He et al. 2016, as used by Liao et al. 2020): with 40 epochs the drops come
+at epochs 21 and 31, with 320 at 161 and 241 (1-based). It follows the epoch
+count only, whatever batch-size stage the epoch belongs to.
+
+A batch-size schedule is a list of `Stage`s: consecutive ranges of epochs, each
+trained with one batch size. A fixed batch size is the one-stage case.
+"""
+
+import dataclasses
+
+import keras
+
+# Fractions of the epochs after which the learning rate drops, and the factor.
+DROP_FRACTIONS = (0.5, 0.75)
+DROP_FACTOR = 0.1
+
+
+def learning_rate_for_epoch(epoch, num_epochs, base_learning_rate):
+    """Return the learning rate of 0-based `epoch` out of `num_epochs`.
+
+    The rate is `base * 0.1**d`, with d the number of drop points
+    (0.5 and 0.75 of `num_epochs`) that `epoch` has reached.
+    """
+    drops = sum(epoch >= fraction * num_epochs for fraction in DROP_FRACTIONS)
+    return base_learning_rate * DROP_FACTOR**drops
+
+
+class StepDecay(keras.callbacks.Callback):
+    """Sets the optimizer's learning rate at the start of each epoch.
+
+    Args:
+        base_learning_rate: rate of the first period.
+        num_epochs: the total number of epochs of the run, including epochs
+            trained by other `fit` calls of the same run.
+    """
+
+    def __init__(self, base_learning_rate, num_epochs):
+        super().__init__()
+        self.base_learning_rate = base_learning_rate
+        self.num_epochs = num_epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        rate = learning_rate_for_epoch(
+            epoch, self.num_epochs, self.base_learning_rate
+        )
+        self.model.optimizer.learning_rate.assign(rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Epochs `[first_epoch, end_epoch)` (0-based) trained with one batch size."""
+
+    batch_size: int
+    first_epoch: int
+    end_epoch: int
+
+    @property
+    def num_epochs(self):
+        return self.end_epoch - self.first_epoch
+
+
+def fixed_stages(batch_size, num_epochs):
+    """Return the one-stage schedule of a fixed batch size."""
+    return [Stage(batch_size, 0, num_epochs)]
+
+
+def even_stages(batch_sizes, num_epochs):
+    """Split `num_epochs` into one stage per batch size, as evenly as possible.
+
+    When the epochs do not divide evenly, the first `num_epochs % len(sizes)`
+    stages get one epoch more than the others.
+
+    Raises:
+        ValueError: if there are more stages than epochs, or none.
+    """
+    num_stages = len(batch_sizes)
+    if num_stages == 0:
+        raise ValueError("Invalid batch-size schedule: it has no stage.")
+    if num_stages > num_epochs:
+        raise ValueError(
+            f"Invalid batch-size schedule: {num_stages} stages "
+            f"({list(batch_sizes)}) need at least {num_stages} epochs. "
+            f"Received: epochs={num_epochs}"
+        )
+    base, remainder = divmod(num_epochs, num_stages)
+    stages = []
+    first = 0
+    for index, size in enumerate(batch_sizes):
+        length = base + (1 if index < remainder else 0)
+        stages.append(Stage(size, first, first + length))
+        first += length
+    return stages
+
+
+# The dynamic-sampling schedules of Liao et al. 2020: five stages of equal
+# epochs. A size ratio of 16 doubles the size at every stage; a ratio of 4
+# doubles it every second stage (16, 16, 32, 32, 64).
+NAMED_SCHEDULES = (
+    "s32-to-512",
+    "s512-to-32",
+    "s16-to-64",
+    "s16-to-256",
+    "s32-to-128",
+    "s64-to-256",
+    "s128-to-512",
+    "s256-to-16",
+)
+_SCHEDULE_FORMS = (
+    "s{first}-to-{last} or s{first}-to-{last}-MS, where last/first is 16, "
+    "4, 1/4 or 1/16 and both are positive integers (for example "
+    f"{', '.join(NAMED_SCHEDULES)}); or an explicit list with "
+    "--batch_sizes=16,16,32,32,64"
+)
+
+
+def schedule_batch_sizes(name):
+    """Return the five batch sizes of a schedule named `s{a}-to-{b}`.
+
+    Raises:
+        ValueError: if the name is malformed or the ratio is not 16, 4, 1/4
+            or 1/16.
+    """
+    first, last = _parse_schedule_name(name)
+    ratio = max(first, last) // min(first, last)
+    small = min(first, last)
+    if max(first, last) % small or ratio not in (4, 16):
+        raise ValueError(
+            f"Invalid schedule {name!r}: the ratio of the last to the first "
+            f"batch size must be 16, 4, 1/4 or 1/16. Accepted forms: "
+            f"{_SCHEDULE_FORMS}."
+        )
+    if ratio == 16:
+        sizes = [small * 2**i for i in range(5)]
+    else:
+        sizes = [small, small, 2 * small, 2 * small, 4 * small]
+    return sizes if first < last else sizes[::-1]
+
+
+def _parse_schedule_name(name):
+    parts = name.split("-")
+    if (
+        len(parts) != 3
+        or parts[1] != "to"
+        or not parts[0].startswith("s")
+        or not parts[0][1:].isdigit()
+        or not parts[2].isdigit()
+        or int(parts[0][1:]) < 1
+        or int(parts[2]) < 1
+    ):
+        raise ValueError(
+            f"Invalid schedule {name!r}. Accepted forms: {_SCHEDULE_FORMS}."
+        )
+    return int(parts[0][1:]), int(parts[2])
+
+
+def learning_rate_periods(num_epochs):
+    """Return the epoch ranges `[(first, end), ...]` of constant learning
+    rate (0-based, end exclusive), as `learning_rate_for_epoch` sets it."""
+    periods = []
+    first = 0
+    for epoch in range(1, num_epochs + 1):
+        if epoch == num_epochs or learning_rate_for_epoch(
+            epoch, num_epochs, 1.0
+        ) != learning_rate_for_epoch(first, num_epochs, 1.0):
+            periods.append((first, epoch))
+            first = epoch
+    return periods
+
+
+def parse_schedule(name, num_epochs):
+    """Return the stages of a named schedule over `num_epochs` epochs.
+
+    `s{a}-to-{b}` splits all epochs into five stages (see `even_stages`).
+    `s{a}-to-{b}-MS` (multi-step) runs the five sizes again inside each
+    learning-rate period (0-50%, 50-75%, 75-100% of the epochs), each period
+    split by `even_stages`.
+
+    Raises:
+        ValueError: for a malformed name, or too few epochs for the stages.
+    """
+    multi_step = name.endswith("-MS")
+    sizes = schedule_batch_sizes(name[: -len("-MS")] if multi_step else name)
+    if not multi_step:
+        return even_stages(sizes, num_epochs)
+    stages = []
+    for first, end in learning_rate_periods(num_epochs):
+        if end - first < len(sizes):
+            raise ValueError(
+                f"Invalid schedule {name!r} for epochs={num_epochs}: the "
+                f"learning-rate period of epochs {first + 1}-{end} has "
+                f"{end - first} epochs, fewer than the {len(sizes)} stages. "
+                f"Use at least {_min_multi_step_epochs(len(sizes))} epochs."
+            )
+        for stage in even_stages(sizes, end - first):
+            stages.append(
+                Stage(
+                    stage.batch_size,
+                    first + stage.first_epoch,
+                    first + stage.end_epoch,
+                )
+            )
+    return stages
+
+
+def _min_multi_step_epochs(num_sizes):
+    epochs = num_sizes
+    while min(end - first for first, end in learning_rate_periods(epochs)) < (
+        num_sizes
+    ) or len(learning_rate_periods(epochs)) < 3:
+        epochs += 1
+    return epochs
+
+
+def parse_batch_sizes(values):
+    """Parse a list of strings such as ["16", "32"] into positive integers.
+
+    Raises:
+        ValueError: naming the first entry that is not a positive integer.
+    """
+    sizes = []
+    for value in values:
+        text = str(value).strip()
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(
+                f"Invalid batch size {value!r} in --batch_sizes: expected "
+                "positive integers separated by commas, such as 16,16,32."
+            )
+        sizes.append(int(text))
+    if not sizes:
+        raise ValueError("Invalid --batch_sizes: the list is empty.")
+    return sizes
