@@ -7,6 +7,7 @@ import os
 import keras
 import tensorflow as tf
 
+from tf_fisher import gradient_statistics
 from tf_fisher import measures
 
 # Per-sample CSV columns, in order.
@@ -20,8 +21,12 @@ SAMPLE_COLUMNS = (
     )
 )
 
-# Keys that `FisherCallback` adds to the logs of every epoch.
-EPOCH_KEYS = ("mean_condition_number", "cumulative_fisher_energy")
+# Keys that `FisherCallback` adds to the logs of every epoch: the running
+# measures, then the epoch averages of the gradient statistics.
+EPOCH_KEYS = (
+    "mean_condition_number",
+    "cumulative_fisher_energy",
+) + gradient_statistics.GRADIENT_KEYS
 
 
 class AppendingCSV:
@@ -74,9 +79,11 @@ class FisherCallback(keras.callbacks.Callback):
     and updates the running C̄_K and L_K (`tf_fisher.measures.RunningMeasures`).
     Each sample becomes a CSV row, written and flushed as it comes, and
     TensorBoard scalars `batch_*` at the global step. At each epoch end it
-    adds `mean_condition_number` (C̄_K) and `cumulative_fisher_energy` (L_K)
-    to the epoch logs, so `History` and later callbacks see them, and writes
-    them as `epoch_*` TensorBoard scalars.
+    adds `mean_condition_number` (C̄_K), `cumulative_fisher_energy` (L_K)
+    and the epoch averages of the gradient statistics
+    (`tf_fisher.gradient_statistics.epoch_statistics`) to the epoch logs, so
+    `History` and later callbacks see them, and writes them as `epoch_*`
+    TensorBoard scalars.
 
     One instance may serve several `fit` calls (for example the stages of a
     batch-size schedule): the measures keep accumulating across them.
@@ -111,6 +118,7 @@ class FisherCallback(keras.callbacks.Callback):
         if tensorboard_dir is not None:
             self._writer = tf.summary.create_file_writer(tensorboard_dir)
         self._epoch = 0
+        self._epoch_first_sample = 0
 
     def set_model(self, model):
         if not hasattr(model, "probe_values"):
@@ -123,6 +131,7 @@ class FisherCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._epoch_first_sample = len(self.samples)
 
     def on_train_batch_end(self, batch, logs=None):
         self.running.add_iterations(1)
@@ -173,6 +182,11 @@ class FisherCallback(keras.callbacks.Callback):
             "mean_condition_number": self.running.mean_condition_number,
             "cumulative_fisher_energy": self.running.cumulative_energy,
         }
+        epoch_values.update(
+            gradient_statistics.epoch_statistics(
+                self.samples[self._epoch_first_sample :]
+            )
+        )
         logs.update(epoch_values)
         self._write_scalars("epoch_", epoch_values, epoch)
         loss = logs.get("loss")

@@ -32,6 +32,8 @@ import math
 
 import tensorflow as tf
 
+from tf_fisher import gradient_statistics
+
 DEFAULT_TOLERANCE = 1e-9
 
 # Names of the per-sample values that `spectrum_statistics` returns, in the
@@ -49,10 +51,16 @@ def clamped_eigenvalues(gram):
     """Eigenvalues of a symmetric `[batch, batch]` matrix, negatives set to 0.
 
     Returns:
-        `[batch]` tensor in ascending order, in the dtype of `gram`.
+        `[batch]` tensor in ascending order, in the dtype of `gram`. All NaN
+        when `gram` has a NaN or infinite entry (a diverged step), where
+        `tf.linalg.eigvalsh` would raise.
     """
     gram = 0.5 * (gram + tf.linalg.matrix_transpose(gram))
-    return tf.maximum(tf.linalg.eigvalsh(gram), tf.zeros([], gram.dtype))
+    finite = tf.reduce_all(tf.math.is_finite(gram))
+    safe_gram = tf.where(finite, gram, tf.zeros_like(gram))
+    eigenvalues = tf.linalg.eigvalsh(safe_gram)
+    eigenvalues = tf.maximum(eigenvalues, tf.zeros([], gram.dtype))
+    return tf.where(finite, eigenvalues, tf.constant(math.nan, gram.dtype))
 
 
 def spectrum_statistics(gram, tolerance=DEFAULT_TOLERANCE):
@@ -62,6 +70,10 @@ def spectrum_statistics(gram, tolerance=DEFAULT_TOLERANCE):
         gram: `[batch, batch]` symmetric positive semi-definite matrix.
         tolerance: an eigenvalue counts as nonzero when it is larger than
             `tolerance * lambda_max`; 0 keeps every positive eigenvalue.
+
+    NOTE: pass a float64 matrix, as `tf_fisher.gram` builds it. A float32
+    matrix carries round-off near 1e-7 · lambda_max in its eigenvalues, far
+    above the default tolerance, so zero eigenvalues would count as nonzero.
 
     Returns:
         A dict of scalar tensors in the dtype of `gram`, keyed by
@@ -166,15 +178,20 @@ def is_probe_step(step_in_epoch, interval):
 
 
 # Names of everything a probe records, in per-sample CSV column order.
-PROBE_KEYS = ("batch_size",) + SPECTRUM_KEYS
+PROBE_KEYS = (
+    ("batch_size",) + SPECTRUM_KEYS + gradient_statistics.GRADIENT_KEYS
+)
 
 
 def probe_statistics(gram, tolerance=DEFAULT_TOLERANCE):
-    """Measure one probed batch: its size and `spectrum_statistics`.
+    """Measure one probed batch: its size, `spectrum_statistics` and
+    `tf_fisher.gradient_statistics.gradient_statistics`.
 
     Returns:
-        A dict of scalar tensors keyed by `PROBE_KEYS`.
+        A dict of scalar tensors keyed by `PROBE_KEYS`; the gradient
+        statistics are float64, the others in the dtype of `gram`.
     """
     statistics = {"batch_size": tf.cast(tf.shape(gram)[0], gram.dtype)}
     statistics.update(spectrum_statistics(gram, tolerance))
+    statistics.update(gradient_statistics.gradient_statistics(gram))
     return statistics
