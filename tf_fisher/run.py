@@ -23,6 +23,7 @@ from absl import logging
 
 from tf_fisher import callbacks as fisher_callbacks
 from tf_fisher import data
+from tf_fisher import gradient_statistics
 from tf_fisher import measures
 from tf_fisher import models
 from tf_fisher import schedules
@@ -43,7 +44,7 @@ EPOCH_COLUMNS = (
     "num_samples",
     "epoch_seconds",
     "elapsed_seconds",
-)
+) + gradient_statistics.GRADIENT_KEYS
 
 
 @dataclasses.dataclass
@@ -91,25 +92,39 @@ class RunConfig:
     def stages(self):
         """Return the batch-size stages of this run."""
         if self.stage_epochs is not None:
-            return [
-                schedules.Stage(size, first, end)
-                for size, (first, end) in zip(
-                    self.batch_sizes, self.stage_epochs
-                )
-            ]
+            return schedules.stages_from_ranges(
+                self.batch_sizes, self.stage_epochs, self.epochs
+            )
         return schedules.even_stages(self.batch_sizes, self.epochs)
 
 
 def write_json_atomically(path, content):
     """Write `content` as JSON to `path` through a temporary file and rename,
-    so readers never see a partial file."""
+    so readers never see a partial file. NaN and infinite floats (the
+    measures of a diverged run) are written as null, to keep the file
+    standard JSON."""
     temporary = f"{path}.tmp"
     with open(temporary, "w") as file:
-        json.dump(content, file, indent=2, sort_keys=True, default=_to_json)
+        json.dump(
+            _finite_or_none(content), file, indent=2, sort_keys=True,
+            default=_to_json, allow_nan=False,
+        )
         file.write("\n")
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _to_json(value):
@@ -167,11 +182,13 @@ class EpochRecorder(keras.callbacks.Callback):
         self._csv.write(row)
         logging.info(
             "epoch %d/%d  batch %d  lr %.4g  loss %.4f  train error %.2f%%  "
-            "test error %.2f%%  C_K %.4g  L_K %.4g  %.1f s",
+            "test error %.2f%%  C_K %.4g  L_K %.4g  B_simple %.4g  "
+            "norm test %.3g  %.1f s",
             epoch + 1, self.num_epochs, self.batch_size,
             row["learning_rate"], row["loss"], 100 * row["train_error"],
             100 * row["test_error"], row["mean_condition_number"],
-            row["cumulative_fisher_energy"], row["epoch_seconds"],
+            row["cumulative_fisher_energy"], row["noise_scale"],
+            row["norm_test_ratio"], row["epoch_seconds"],
         )
 
     def on_train_end(self, logs=None):
@@ -182,7 +199,7 @@ def _epoch_row(epoch, logs):
     def value(key):
         return float(logs[key]) if key in logs else math.nan
 
-    return {
+    row = {
         "epoch": epoch + 1,
         "loss": value("loss"),
         "train_error": 1.0 - value("accuracy"),
@@ -191,15 +208,23 @@ def _epoch_row(epoch, logs):
         "mean_condition_number": value("mean_condition_number"),
         "cumulative_fisher_energy": value("cumulative_fisher_energy"),
     }
+    row.update(
+        (key, value(key)) for key in gradient_statistics.GRADIENT_KEYS
+    )
+    return row
 
 
-def build_fisher_model(config, splits):
-    """Build and compile the `FisherModel` of a run (SGD, Nesterov)."""
+def build_fisher_model(config, splits, model_class=FisherModel):
+    """Build and compile the `FisherModel` of a run (SGD, Nesterov).
+
+    `model_class` is called with `FisherModel`'s arguments to create the
+    model. It may be a subclass of `FisherModel` or a function returning one.
+    """
     keras.utils.set_random_seed(config.seed)
     network = models.build_model(
         config.model, splits.input_shape, splits.num_classes, seed=config.seed
     )
-    model = FisherModel(
+    model = model_class(
         network,
         fisher_interval=config.fisher_interval,
         eigenvalue_tolerance=config.eigenvalue_tolerance,
@@ -228,20 +253,28 @@ def check_batch_sizes(batch_sizes, num_train):
         if size > num_train:
             raise ValueError(
                 f"Invalid batch size {size}: the training set has only "
-                f"{num_train} examples. Use a batch size of at most "
-                f"{num_train}."
+                f"{num_train} examples. Set --batch_size (or each "
+                f"--batch_sizes entry) to at most {num_train}."
             )
 
 
-def train(config):
+def train(config, splits=None, model_class=FisherModel):
     """Train one run and write its folder. Return the summary dict.
+
+    Args:
+        config: the `RunConfig`.
+        splits: the `tf_fisher.data.DatasetSplits` to train on. None loads
+            `config.dataset`.
+        model_class: `FisherModel`, a subclass, or a function with its
+            arguments that returns one; see `build_fisher_model`.
 
     Raises:
         ValueError: for an invalid configuration (before anything is written).
         tf_fisher.data.DatasetNotFoundError: when the dataset is not prepared.
     """
     stages = config.stages()
-    splits = data.load_dataset(config.dataset, config.data_dir)
+    if splits is None:
+        splits = data.load_dataset(config.dataset, config.data_dir)
     check_batch_sizes([stage.batch_size for stage in stages], splits.num_train)
     os.makedirs(config.output_dir, exist_ok=True)
     write_json_atomically(
@@ -253,7 +286,7 @@ def train(config):
         config.model, config.dataset, splits.num_train,
         len(splits.test_labels), config.epochs, config.output_dir,
     )
-    model = build_fisher_model(config, splits)
+    model = build_fisher_model(config, splits, model_class)
     summary = _fit_stages(model, config, splits, stages)
     write_json_atomically(
         os.path.join(config.output_dir, "summary.json"), summary
@@ -279,6 +312,7 @@ def _fit_stages(model, config, splits, stages):
     )
     callbacks = [
         schedules.StepDecay(config.learning_rate, config.epochs),
+        schedules.StageLogs(stages),
         keras.callbacks.TensorBoard(tensorboard_dir, write_graph=False),
         fisher,
         recorder,
@@ -288,8 +322,19 @@ def _fit_stages(model, config, splits, stages):
         recorder.stage = index
         recorder.batch_size = stage.batch_size
         start = time.time()
+        # Each stage rebuilds the pipeline for its batch size. The model
+        # keeps its compiled train function (traced with a batch dimension
+        # of None, so no retrace), its optimizer state and its step count.
+        # The offset gives each stage its own sequence of epoch orders.
+        train_data = data.train_pipeline(
+            splits,
+            stage.batch_size,
+            config.seed,
+            epoch_seed_offset=stage.first_epoch,
+        )
         model.fit(
-            data.train_pipeline(splits, stage.batch_size, config.seed),
+            train_data,
+            shuffle=False,
             validation_data=test_data,
             initial_epoch=stage.first_epoch,
             epochs=stage.end_epoch,
@@ -300,7 +345,8 @@ def _fit_stages(model, config, splits, stages):
             {
                 "batch_size": stage.batch_size,
                 "first_epoch": stage.first_epoch + 1,
-                "last_epoch": stage.end_epoch,
+                # Lower than the planned end when training diverged.
+                "last_epoch": len(recorder.rows),
                 "wall_seconds": time.time() - start,
             }
         )

@@ -6,7 +6,17 @@ at epochs 21 and 31, with 320 at 161 and 241 (1-based). It follows the epoch
 count only, whatever batch-size stage the epoch belongs to.
 
 A batch-size schedule is a list of `Stage`s: consecutive ranges of epochs, each
-trained with one batch size. A fixed batch size is the one-stage case.
+trained with one batch size. A fixed batch size is the one-stage case. The
+dynamic-sampling schedules of Liao et al., "Approximate Fisher Information
+Matrix to Characterise the Training of Deep Neural Networks" (TPAMI 2020),
+are named `s{first}-to-{last}`: five stages of equal epochs whose batch sizes
+go from `first` to `last` (`parse_schedule`). When the epochs do not divide
+evenly, the first stages get one epoch more (`even_stages`).
+
+NOTE: L_K extrapolates the sampled energies with one sampling ratio for the
+whole run, as the authors' code does (`tf_fisher.measures.RunningMeasures`).
+Larger batches mean fewer steps per epoch, so more of the steps are probed,
+and in a run whose batch size grows, L_K can fall from one epoch to the next.
 """
 
 import dataclasses
@@ -49,6 +59,30 @@ class StepDecay(keras.callbacks.Callback):
         self.model.optimizer.learning_rate.assign(rate)
 
 
+class StageLogs(keras.callbacks.Callback):
+    """Adds the batch size and the 0-based stage index of each epoch to the
+    epoch logs.
+
+    Place it before `keras.callbacks.TensorBoard`, which then writes them as
+    the `epoch_batch_size` and `epoch_stage` scalars, next to the
+    `epoch_learning_rate` it writes itself.
+
+    Args:
+        stages: the run's `Stage`s, covering every epoch that is trained.
+    """
+
+    def __init__(self, stages):
+        super().__init__()
+        self.stages = list(stages)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        index = stage_index(self.stages, epoch)
+        logs["batch_size"] = self.stages[index].batch_size
+        logs["stage"] = index
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """Epochs `[first_epoch, end_epoch)` (0-based) trained with one batch size."""
@@ -60,6 +94,78 @@ class Stage:
     @property
     def num_epochs(self):
         return self.end_epoch - self.first_epoch
+
+
+def stage_index(stages, epoch):
+    """Return the index of the stage that contains 0-based `epoch`.
+
+    Raises:
+        ValueError: if no stage contains `epoch`.
+    """
+    for index, stage in enumerate(stages):
+        if stage.first_epoch <= epoch < stage.end_epoch:
+            return index
+    raise ValueError(
+        f"Epoch {epoch} (0-based) is in no stage of the schedule "
+        f"{_describe(stages)}."
+    )
+
+
+def check_stages(stages, num_epochs):
+    """Raise ValueError unless `stages` cover epochs 0 to `num_epochs` - 1
+    in order, without gaps, overlaps or empty stages."""
+    expected_first = 0
+    for stage in stages:
+        if (
+            stage.first_epoch != expected_first
+            or stage.end_epoch <= stage.first_epoch
+        ):
+            raise ValueError(
+                f"Invalid stage epochs {_describe(stages)}: stages must be "
+                "consecutive non-empty ranges [first, end) starting at "
+                f"epoch 0 and ending at epochs={num_epochs}."
+            )
+        expected_first = stage.end_epoch
+    if expected_first != num_epochs:
+        raise ValueError(
+            f"Invalid stage epochs {_describe(stages)}: the last stage ends "
+            f"at epoch {expected_first}, but the run has epochs="
+            f"{num_epochs}."
+        )
+
+
+def stages_from_ranges(batch_sizes, ranges, num_epochs):
+    """Return the stages of explicit epoch ranges, one per batch size.
+
+    Args:
+        batch_sizes: the batch size of each stage.
+        ranges: `[[first, end], ...]`, 0-based epoch ranges, end exclusive.
+        num_epochs: the run's number of epochs, which the ranges must cover.
+
+    Raises:
+        ValueError: if the lengths differ or the ranges do not cover the
+            epochs (see `check_stages`).
+    """
+    if len(batch_sizes) != len(ranges):
+        raise ValueError(
+            f"Invalid schedule: {len(batch_sizes)} batch sizes "
+            f"({list(batch_sizes)}) but {len(ranges)} stage epoch ranges "
+            f"({list(ranges)}). Give one range per batch size."
+        )
+    stages = [
+        Stage(size, int(first), int(end))
+        for size, (first, end) in zip(batch_sizes, ranges)
+    ]
+    check_stages(stages, num_epochs)
+    return stages
+
+
+def _describe(stages):
+    return ", ".join(
+        f"{stage.batch_size} for epochs [{stage.first_epoch}, "
+        f"{stage.end_epoch})"
+        for stage in stages
+    ) or "(no stage)"
 
 
 def fixed_stages(batch_size, num_epochs):
@@ -82,8 +188,9 @@ def even_stages(batch_sizes, num_epochs):
     if num_stages > num_epochs:
         raise ValueError(
             f"Invalid batch-size schedule: {num_stages} stages "
-            f"({list(batch_sizes)}) need at least {num_stages} epochs. "
-            f"Received: epochs={num_epochs}"
+            f"({list(batch_sizes)}) need at least {num_stages} epochs, one "
+            f"per stage. Received: epochs={num_epochs}. Raise the epochs to "
+            f"at least {num_stages} or give fewer batch sizes."
         )
     base, remainder = divmod(num_epochs, num_stages)
     stages = []
@@ -117,13 +224,15 @@ _SCHEDULE_FORMS = (
 
 
 def schedule_batch_sizes(name):
-    """Return the five batch sizes of a schedule named `s{a}-to-{b}`.
+    """Return the five batch sizes of a schedule named `s{a}-to-{b}` or
+    `s{a}-to-{b}-MS`.
 
     Raises:
         ValueError: if the name is malformed or the ratio is not 16, 4, 1/4
             or 1/16.
     """
-    first, last = _parse_schedule_name(name)
+    base_name = name.removesuffix("-MS")
+    first, last = _parse_schedule_name(base_name, name)
     ratio = max(first, last) // min(first, last)
     small = min(first, last)
     if max(first, last) % small or ratio not in (4, 16):
@@ -139,8 +248,8 @@ def schedule_batch_sizes(name):
     return sizes if first < last else sizes[::-1]
 
 
-def _parse_schedule_name(name):
-    parts = name.split("-")
+def _parse_schedule_name(base_name, name):
+    parts = base_name.split("-")
     if (
         len(parts) != 3
         or parts[1] != "to"
@@ -181,9 +290,8 @@ def parse_schedule(name, num_epochs):
     Raises:
         ValueError: for a malformed name, or too few epochs for the stages.
     """
-    multi_step = name.endswith("-MS")
-    sizes = schedule_batch_sizes(name[: -len("-MS")] if multi_step else name)
-    if not multi_step:
+    sizes = schedule_batch_sizes(name)
+    if not name.endswith("-MS"):
         return even_stages(sizes, num_epochs)
     stages = []
     for first, end in learning_rate_periods(num_epochs):

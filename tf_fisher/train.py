@@ -8,8 +8,14 @@ folder `runs/default`. Examples:
         --learning_rate=0.1 --epochs=20 --output_dir=runs/resnet8
     python -m tf_fisher.train --dataset=cifar10 --model=resnet110 \
         --epochs=320 --data_dir=~/tensorflow_datasets
+    python -m tf_fisher.train --adaptive=norm_test --batch_size=32 \
+        --min_batch_size=32 --max_batch_size=512 --epochs=20 \
+        --output_dir=runs/norm_test
+    python -m tf_fisher.train --schedule=s32-to-512 --epochs=20
+    python -m tf_fisher.train --batch_sizes=16,16,32,32,64 --epochs=20
 """
 
+import dataclasses
 import os
 import sys
 
@@ -17,6 +23,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from tf_fisher import adaptive
+from tf_fisher import batch_size_policies
 from tf_fisher import data
 from tf_fisher import measures
 from tf_fisher import models
@@ -50,12 +58,17 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_string(
     "schedule", "",
-    "Dynamic-sampling schedule name, e.g. s32-to-512 or s32-to-512-MS: the "
-    "epochs are split into stages of equal length, one batch size each.",
+    "Dynamic-sampling schedule s{first}-to-{last}, e.g. s32-to-512 "
+    "(32, 64, 128, 256, 512) or s16-to-64 (16, 16, 32, 32, 64): the epochs "
+    "are split into five stages of equal length, one batch size each, the "
+    "first stages taking one epoch more when the split is uneven. The -MS "
+    "suffix (s32-to-512-MS) runs the five stages again inside each "
+    "learning-rate period (0-50%, 50-75%, 75-100% of the epochs).",
 )
 flags.DEFINE_list(
     "batch_sizes", [],
-    "Explicit batch size of each stage, e.g. 16,16,32,32,64.",
+    "Explicit batch size of each stage, e.g. 16,16,32,32,64. The epochs "
+    "are split between the stages as for --schedule.",
 )
 flags.DEFINE_integer("seed", 0, "Random seed of weights and data order.")
 flags.DEFINE_integer(
@@ -93,6 +106,56 @@ flags.DEFINE_integer(
     "verbose", 0, "Keras progress output: 0 silent, 1 progress bar, 2 one "
     "line per epoch. The run logs its own line per epoch in any case.",
     lower_bound=0, upper_bound=2,
+)
+
+
+flags.DEFINE_enum(
+    "adaptive", None, list(batch_size_policies.POLICY_NAMES),
+    "Batch-size policy that changes the batch size between epochs, starting "
+    "from --batch_size: measure (keep C_K and L_K near beacon runs or a "
+    "target region), norm_test (grow when the norm test of Byrd et al. 2012 "
+    "fails) or noise_scale (follow the gradient noise scale B_simple). "
+    "Unset trains with --batch_size, --schedule or --batch_sizes.",
+)
+flags.DEFINE_integer(
+    "min_batch_size", 16, "Smallest batch size an --adaptive policy may "
+    "choose.", lower_bound=1,
+)
+flags.DEFINE_integer(
+    "max_batch_size", 512, "Largest batch size an --adaptive policy may "
+    "choose.", lower_bound=1,
+)
+flags.DEFINE_integer(
+    "min_epochs_per_size", 2, "Epochs each batch size of an --adaptive "
+    "policy runs before the policy may change it.", lower_bound=1,
+)
+flags.DEFINE_float(
+    "norm_test_theta", 0.9, "theta of the norm test (--adaptive=norm_test), "
+    "in (0, 1); smaller asks for larger batches.",
+)
+flags.DEFINE_float(
+    "noise_scale_multiplier", 1.0, "Target batch size of "
+    "--adaptive=noise_scale, in units of the noise scale B_simple.",
+)
+flags.DEFINE_float(
+    "noise_scale_smoothing", 0.5, "Weight of the previous epochs in the "
+    "moving average of the noise scale's terms, in [0, 1).",
+)
+flags.DEFINE_list(
+    "beacon_dirs", [], "Run folders whose C_K and L_K per epoch are the "
+    "target of --adaptive=measure; they must have trained for --epochs.",
+)
+flags.DEFINE_list(
+    "target_condition_number", [], "low,high: the C_K range at the end of "
+    "training, for --adaptive=measure without --beacon_dirs.",
+)
+flags.DEFINE_list(
+    "target_fisher_energy", [], "low,high: the L_K range at the end of "
+    "training, for --adaptive=measure without --beacon_dirs.",
+)
+flags.DEFINE_float(
+    "target_tolerance", 0.1, "Relative widening of the beacons' C_K and L_K "
+    "band for --adaptive=measure.", lower_bound=0.0,
 )
 
 
@@ -153,12 +216,89 @@ def _batch_schedule():
     return [FLAGS.batch_size], None, f"s{FLAGS.batch_size}"
 
 
+def policy_from_flags():
+    """Build the batch-size policy of --adaptive and its flags.
+
+    Raises:
+        ValueError: for invalid policy flags, or --adaptive together with
+            --schedule or --batch_sizes.
+    """
+    if FLAGS.schedule or FLAGS.batch_sizes:
+        raise ValueError(
+            "--adaptive starts from --batch_size and chooses the later batch "
+            "sizes itself, so it takes no --schedule or --batch_sizes. "
+            f"Received: --adaptive={FLAGS.adaptive} --schedule="
+            f"{FLAGS.schedule} --batch_sizes={','.join(FLAGS.batch_sizes)}"
+        )
+    return batch_size_policies.make_policy(
+        FLAGS.adaptive,
+        FLAGS.epochs,
+        min_batch_size=FLAGS.min_batch_size,
+        max_batch_size=FLAGS.max_batch_size,
+        min_epochs_per_size=FLAGS.min_epochs_per_size,
+        theta=FLAGS.norm_test_theta,
+        multiplier=FLAGS.noise_scale_multiplier,
+        smoothing=FLAGS.noise_scale_smoothing,
+        beacon_dirs=[os.path.expanduser(path) for path in FLAGS.beacon_dirs],
+        condition_range=_float_pair(
+            "target_condition_number", FLAGS.target_condition_number
+        ),
+        energy_range=_float_pair(
+            "target_fisher_energy", FLAGS.target_fisher_energy
+        ),
+        tolerance=FLAGS.target_tolerance,
+    )
+
+
+def _float_pair(name, values):
+    """Return (low, high) floats from a two-item flag list, or None if
+    empty."""
+    if not values:
+        return None
+    try:
+        pair = tuple(float(value) for value in values)
+    except ValueError:
+        pair = ()
+    if len(pair) != 2:
+        raise ValueError(
+            f"Invalid --{name}={','.join(values)}: expected two numbers "
+            "low,high, such as 1000,30000."
+        )
+    return pair
+
+
+def _train(config):
+    """Train with the --adaptive policy if one is set, else with the
+    configured stages."""
+    if FLAGS.adaptive is None:
+        return run.train(config)
+    policy = policy_from_flags()
+    config = dataclasses.replace(config, schedule=f"adaptive-{policy.name}")
+    return adaptive.train_adaptive(config, policy)
+
+
+def parse_flags(argv):
+    """Parse the command line into FLAGS.
+
+    On an invalid flag, print the error and exit with status 2, the status
+    that `main` returns for every other invalid input.
+    """
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        print(
+            f"Error: {error}\nRun with --helpshort to list the flags.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     try:
         config = config_from_flags()
-        summary = run.train(config)
+        summary = _train(config)
     except (ValueError, data.DatasetNotFoundError) as error:
         logging.error("%s", error)
         print(f"Error: {error}", file=sys.stderr)
@@ -167,4 +307,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
