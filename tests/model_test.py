@@ -1,0 +1,395 @@
+"""Tests of FisherModel's training step and FisherCallback's records."""
+
+import csv
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_fisher import callbacks
+from tf_fisher import gram
+from tf_fisher import measures
+from tf_fisher.model import FisherModel
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+# Small enough that softmax regression on normalised digits does not fit a
+# batch of four within a few steps (its gradients would then vanish).
+LEARNING_RATE = 1e-3
+
+
+def linear_network(input_shape, classes=10, seed=0):
+    """Flatten and Dense logits: softmax regression."""
+    inputs = keras.Input(input_shape)
+    logits = keras.layers.Dense(
+        classes, kernel_initializer=keras.initializers.GlorotNormal(seed)
+    )(keras.layers.Flatten()(inputs))
+    return keras.Model(inputs, logits)
+
+
+def conv_bn_network(input_shape, seed=0):
+    """Conv2D, BatchNormalization, ReLU, Dense logits."""
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(
+        4, 3, strides=2, use_bias=False,
+        kernel_initializer=keras.initializers.HeNormal(seed),
+    )(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    logits = keras.layers.Dense(
+        10, kernel_initializer=keras.initializers.GlorotNormal(seed + 1)
+    )(keras.layers.Flatten()(x))
+    return keras.Model(inputs, logits)
+
+
+def compiled(network, learning_rate=LEARNING_RATE, momentum=0.0, **kwargs):
+    model = FisherModel(network, **kwargs)
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            learning_rate, momentum=momentum, nesterov=momentum > 0
+        ),
+        loss=LOSS,
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def unshuffled(images, labels, batch_size):
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(
+        batch_size
+    )
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits):
+    """The first 22 training digits: batches of 4 leave a last batch of 2."""
+    return digits.train_images[:22], digits.train_labels[:22]
+
+
+# Probe schedule.
+
+
+@pytest.mark.parametrize("interval", [2, 5])
+def test_probe_steps_restart_each_epoch(small_digits, interval):
+    images, labels = small_digits
+    model = compiled(linear_network(images.shape[1:]), fisher_interval=interval)
+    recorder = callbacks.FisherCallback()
+    model.fit(
+        unshuffled(images, labels, 4), epochs=3, callbacks=[recorder],
+        verbose=0,
+    )
+
+    # Six steps per epoch: five of 4 examples, then one of 2.
+    expected = [
+        (6 * epoch + step + 1, epoch + 1, 2 if step == 5 else 4)
+        for epoch in range(3)
+        for step in range(6)
+        if step % interval == 0
+    ]
+    actual = [
+        (row["step"], row["epoch"], row["batch_size"])
+        for row in recorder.samples
+    ]
+    assert actual == expected
+    assert recorder.running.num_samples == len(expected)
+    assert recorder.running.num_iterations == 18
+
+
+def test_probe_measures_batch_before_update(digits):
+    images = digits.train_images[:16]
+    labels = digits.train_labels[:16]
+    network = conv_bn_network(images.shape[1:])
+    saved = network.get_weights()
+    model = compiled(network, learning_rate=0.5, fisher_interval=100)
+    recorder = callbacks.FisherCallback()
+    model.fit(
+        unshuffled(images, labels, 16), epochs=1, callbacks=[recorder],
+        verbose=0,
+    )
+    assert len(recorder.samples) == 1
+
+    # The same weights, measured outside training.
+    reference = conv_bn_network(images.shape[1:])
+    reference.set_weights(saved)
+    matrix = gram.gram_matrix(
+        reference, LOSS, tf.constant(images), tf.constant(labels)
+    )
+    expected = {
+        key: float(value)
+        for key, value in measures.spectrum_statistics(matrix).items()
+    }
+    row = recorder.samples[0]
+    for key in ("lambda_max", "lambda_min", "trace", "condition_number"):
+        assert row[key] == pytest.approx(expected[key], rel=1e-4), key
+        assert float(model.probe_values[key]) == row[key]
+    assert row["rank"] == expected["rank"] == 16
+    assert row["batch_size"] == 16
+    assert row["learning_rate"] == pytest.approx(0.5)
+    assert row["fisher_energy"] == pytest.approx(
+        0.5 / 16 * math.sqrt(expected["trace"]), rel=1e-4
+    )
+    # The update did happen, and the network moved.
+    moved = [
+        not np.allclose(before, after)
+        for before, after in zip(saved, network.get_weights(), strict=True)
+    ]
+    assert any(moved)
+
+
+# The update.
+
+
+def softmax_regression_gradient(kernel, bias, x, y):
+    """Gradient of the mean cross-entropy of logits x W + b, in numpy."""
+    logits = x @ kernel + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(logits)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    errors = (probabilities - np.eye(kernel.shape[1])[y]) / len(y)
+    return x.T @ errors, errors.sum(axis=0)
+
+
+def test_nesterov_update_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 5)).astype(np.float32)
+    y = rng.integers(0, 3, size=10).astype(np.int32)
+    network = linear_network((5,), classes=3)
+    network.layers[-1].bias.assign([0.1, -0.2, 0.3])
+    kernel, bias = (w.astype(np.float64) for w in network.get_weights())
+    learning_rate, momentum, decay = 0.1, 0.9, 1e-2
+    model = compiled(
+        network, learning_rate, momentum, weight_decay=decay,
+        fisher_interval=1,
+    )
+    model.fit(unshuffled(x, y, 6), epochs=1, verbose=0)
+
+    # Keras 3 SGD, Nesterov: m <- μ m - α g; w <- w + μ m - α g, with
+    # g = ∇(mean loss) + λ w (L2 regularisation).
+    velocities = [np.zeros_like(kernel), np.zeros_like(bias)]
+    for start in (0, 6):
+        batch = slice(start, start + 6)
+        gradients = softmax_regression_gradient(
+            kernel, bias, x[batch].astype(np.float64), y[batch]
+        )
+        weights = [kernel, bias]
+        for index, gradient in enumerate(gradients):
+            gradient = gradient + decay * weights[index]
+            velocities[index] = (
+                momentum * velocities[index] - learning_rate * gradient
+            )
+            weights[index] = (
+                weights[index]
+                + momentum * velocities[index]
+                - learning_rate * gradient
+            )
+        kernel, bias = weights
+
+    trained_kernel, trained_bias = network.get_weights()
+    np.testing.assert_allclose(trained_kernel, kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(trained_bias, bias, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_is_kept_out_of_gram(small_digits):
+    images, labels = small_digits
+    probes = {}
+    kernels = {}
+    initial = None
+    for decay in (0.0, 1e-2):
+        network = linear_network(images.shape[1:], seed=3)
+        initial = network.get_weights()[0]
+        model = compiled(
+            network, learning_rate=0.1, weight_decay=decay,
+            fisher_interval=1,
+        )
+        model.fit(
+            unshuffled(images[:8], labels[:8], 8), epochs=1, verbose=0
+        )
+        probes[decay] = {
+            key: float(v) for key, v in model.probe_values.items()
+        }
+        kernels[decay] = network.get_weights()[0]
+
+    assert probes[0.0]["trace"] > 0
+    for key in measures.PROBE_KEYS:
+        assert probes[1e-2][key] == pytest.approx(
+            probes[0.0][key], rel=1e-6
+        ), key
+    # Plain SGD, one step: the decay moves w by -α λ w on top of the loss.
+    np.testing.assert_allclose(
+        kernels[1e-2] - kernels[0.0], -0.1 * 1e-2 * initial, atol=1e-7
+    )
+
+
+# Compilation.
+
+
+class CountingFisherModel(FisherModel):
+    """FisherModel that counts Python executions of `train_step`, which
+    happen once per trace."""
+
+    traces = 0
+
+    def train_step(self, data):
+        CountingFisherModel.traces += 1
+        return super().train_step(data)
+
+
+class TraceRecorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.counts = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.counts.append(CountingFisherModel.traces)
+
+
+def test_train_step_is_not_retraced(small_digits):
+    images, labels = small_digits
+    CountingFisherModel.traces = 0
+    model = CountingFisherModel(
+        linear_network(images.shape[1:]), fisher_interval=2
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss=LOSS)
+    recorder = TraceRecorder()
+    model.fit(
+        unshuffled(images, labels, 4), epochs=4, callbacks=[recorder],
+        verbose=0,
+    )
+    # A second fit with another batch size, as a batch-size stage does, and
+    # a third from NumPy arrays.
+    model.fit(
+        unshuffled(images, labels, 8), epochs=2, callbacks=[recorder],
+        verbose=0,
+    )
+    model.fit(
+        images, labels, batch_size=4, epochs=2, callbacks=[recorder],
+        verbose=0,
+    )
+    assert len(recorder.counts) == 8
+    # Batches carry an unknown batch dimension, so one trace serves full and
+    # partial batches (Keras 3.15). A second trace is allowed in case a
+    # Keras version traces the first batch's static size, but none may
+    # follow the first epoch.
+    assert recorder.counts[0] <= 2
+    assert recorder.counts == [recorder.counts[0]] * 8
+
+
+# FisherCallback.
+
+
+def test_callback_rows_csv_and_epoch_logs(small_digits, tmp_path):
+    images, labels = small_digits
+    model = compiled(linear_network(images.shape[1:]), fisher_interval=3)
+    recorder = callbacks.FisherCallback(output_dir=str(tmp_path))
+    history = model.fit(
+        unshuffled(images, labels, 4), epochs=2, callbacks=[recorder],
+        verbose=0,
+    )
+
+    with open(tmp_path / "samples.csv", newline="") as file:
+        reader = csv.DictReader(file)
+        assert tuple(reader.fieldnames) == callbacks.SAMPLE_COLUMNS
+        rows = list(reader)
+    assert len(rows) == len(recorder.samples) == 4
+    for written, sample in zip(rows, recorder.samples, strict=True):
+        for key in callbacks.SAMPLE_COLUMNS:
+            assert float(written[key]) == pytest.approx(
+                sample[key], nan_ok=True
+            ), key
+
+    # Each row's running values, recomputed from the rows so far.
+    iterations_at_end = {1: 6, 2: 12}
+    for index, row in enumerate(recorder.samples):
+        so_far = recorder.samples[: index + 1]
+        assert row["mean_condition_number"] == pytest.approx(
+            np.nanmean([r["condition_number"] for r in so_far])
+        )
+        energy = sum(r["fisher_energy"] for r in so_far)
+        assert row["cumulative_fisher_energy"] == pytest.approx(
+            energy * row["step"] / len(so_far)
+        )
+        assert row["fisher_energy"] == pytest.approx(
+            LEARNING_RATE / row["batch_size"] * math.sqrt(row["trace"])
+        )
+        assert row["learning_rate"] == pytest.approx(LEARNING_RATE)
+
+    for epoch in (1, 2):
+        so_far = [r for r in recorder.samples if r["epoch"] <= epoch]
+        assert history.history["mean_condition_number"][
+            epoch - 1
+        ] == pytest.approx(np.nanmean([r["condition_number"] for r in so_far]))
+        energy = sum(r["fisher_energy"] for r in so_far)
+        assert history.history["cumulative_fisher_energy"][
+            epoch - 1
+        ] == pytest.approx(energy * iterations_at_end[epoch] / len(so_far))
+
+
+def test_callback_accumulates_across_fit_calls(small_digits):
+    images, labels = small_digits
+    model = compiled(linear_network(images.shape[1:]), fisher_interval=2)
+    recorder = callbacks.FisherCallback()
+    model.fit(
+        unshuffled(images, labels, 4), epochs=1, callbacks=[recorder],
+        verbose=0,
+    )
+    model.fit(
+        unshuffled(images, labels, 8), initial_epoch=1, epochs=2,
+        callbacks=[recorder], verbose=0,
+    )
+    # Epoch 1: 6 steps (4, 4, 4, 4, 4, 2); epoch 2: 3 steps (8, 8, 6).
+    actual = [
+        (row["step"], row["epoch"], row["batch_size"])
+        for row in recorder.samples
+    ]
+    assert actual == [(1, 1, 4), (3, 1, 4), (5, 1, 4), (7, 2, 8), (9, 2, 6)]
+    assert recorder.running.num_iterations == 9
+
+
+def test_callback_rejects_plain_keras_model(small_digits):
+    images, labels = small_digits
+    network = linear_network(images.shape[1:])
+    network.compile(optimizer="sgd", loss=LOSS)
+    with pytest.raises(ValueError, match="FisherModel"):
+        network.fit(
+            unshuffled(images, labels, 4), epochs=1, verbose=0,
+            callbacks=[callbacks.FisherCallback()],
+        )
+
+
+# Argument checks.
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"fisher_interval": 0}, "fisher_interval=0"),
+        ({"fisher_interval": 2.5}, "fisher_interval=2.5"),
+        ({"eigenvalue_tolerance": 1.0}, "eigenvalue_tolerance=1.0"),
+        ({"weight_decay": -1e-4}, "weight_decay=-0.0001"),
+        ({"gram_method": "exact"}, "gram_method='exact'"),
+    ],
+)
+def test_fisher_model_rejects_bad_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        FisherModel(linear_network((3,)), **kwargs)
+
+
+def test_fisher_model_rejects_summed_loss():
+    model = FisherModel(linear_network((3,)))
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="sum"
+    )
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        model.compile(optimizer="sgd", loss=loss)
+
+
+def test_fisher_model_rejects_steps_per_execution():
+    model = FisherModel(linear_network((3,)))
+    with pytest.raises(ValueError, match="steps_per_execution=4"):
+        model.compile(optimizer="sgd", loss=LOSS, steps_per_execution=4)
+
+
+def test_fisher_model_rejects_non_model():
+    with pytest.raises(TypeError, match="Dense"):
+        FisherModel(keras.layers.Dense(3))

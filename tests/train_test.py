@@ -1,0 +1,311 @@
+"""End-to-end tests of `python -m tf_fisher.train` on the embedded digits."""
+
+import csv
+import glob
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_fisher import schedules
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_SECONDS = 600
+
+# 4,000 training digits in batches of 98: 41 steps per epoch, the last of
+# 80 digits. With N = 10 the probes fall on steps 1, 11, 21, 31, 41 of each
+# epoch, so the last one measures the partial batch.
+BATCH_SIZE = 98
+STEPS_PER_EPOCH = 41
+LAST_BATCH = 4000 - 40 * 98
+INTERVAL = 10
+EPOCHS = 2
+LEARNING_RATE = 0.05
+
+
+def start(output_dir, *flags):
+    """Start the CLI in a subprocess and return its `Popen`."""
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    command = [
+        sys.executable, "-m", "tf_fisher.train", f"--output_dir={output_dir}",
+        *flags,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=REPOSITORY,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process):
+    """Wait for a process from `start` and return (exit code, stderr)."""
+    _, stderr = process.communicate(timeout=TIMEOUT_SECONDS)
+    return process.returncode, stderr
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        return [
+            {key: float(value) for key, value in row.items()}
+            for row in csv.DictReader(file)
+        ]
+
+
+def read_json(path):
+    with open(path) as file:
+        return json.load(file)
+
+
+def read_scalars(folder):
+    """Return {tag: {step: value}} from the TensorBoard event files in
+    `folder`."""
+    scalars = {}
+    for path in sorted(glob.glob(os.path.join(folder, "events.out.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.HasField("tensor"):
+                    number = float(tf.make_ndarray(value.tensor))
+                else:
+                    number = value.simple_value
+                scalars.setdefault(value.tag, {})[event.step] = number
+    return scalars
+
+
+# Each entry is rejected before training: the key names the case, the first
+# flag is the one the error message must name.
+BAD_FLAGS = {
+    "learning_rate": ["--learning_rate=-1"],
+    "batch_size": ["--batch_size=0"],
+    "model": ["--model=nope"],
+    "batch_size_above_data": ["--batch_size=5000"],
+    "epochs": ["--epochs=0"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run the CLI as subprocesses side by side: a normal run, a diverging
+    run and one run per bad flag. Return {name: (folder, code, stderr)}."""
+    root = tmp_path_factory.mktemp("runs")
+    flags = {
+        "normal": [
+            f"--epochs={EPOCHS}", f"--fisher_interval={INTERVAL}",
+            f"--batch_size={BATCH_SIZE}", f"--learning_rate={LEARNING_RATE}",
+        ],
+        "diverged": [
+            "--epochs=2", "--fisher_interval=2", "--batch_size=256",
+            "--learning_rate=1e6",
+        ],
+    }
+    flags.update(BAD_FLAGS)
+    processes = {
+        name: start(root / name, *arguments)
+        for name, arguments in flags.items()
+    }
+    return {
+        name: (root / name, *finish(process))
+        for name, process in processes.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def normal_run(runs):
+    folder, code, stderr = runs["normal"]
+    assert code == 0, stderr
+    return {
+        "folder": folder,
+        "samples": read_csv(folder / "samples.csv"),
+        "epochs": read_csv(folder / "epochs.csv"),
+        "config": read_json(folder / "config.json"),
+        "summary": read_json(folder / "summary.json"),
+    }
+
+
+def test_run_folder_layout(normal_run):
+    folder = normal_run["folder"]
+    names = set(os.listdir(folder))
+    for name in (
+        "config.json", "epochs.csv", "samples.csv", "summary.json",
+        "tensorboard",
+    ):
+        assert name in names
+    # Atomic writes leave no temporary file behind.
+    assert not [name for name in names if name.endswith(".tmp")]
+    for sub in ("train", "validation", "fisher"):
+        assert glob.glob(str(folder / "tensorboard" / sub / "events.out.*"))
+
+
+def test_config_records_flags(normal_run):
+    config = normal_run["config"]
+    assert config["dataset"] == "mnist5k"
+    assert config["model"] == "mlp"
+    assert config["epochs"] == EPOCHS
+    assert config["batch_sizes"] == [BATCH_SIZE]
+    assert config["fisher_interval"] == INTERVAL
+    assert config["learning_rate"] == LEARNING_RATE
+    assert normal_run["summary"]["config"] == config
+
+
+def test_sample_rows_follow_probe_schedule(normal_run):
+    samples = normal_run["samples"]
+    probed = [s for s in range(STEPS_PER_EPOCH) if s % INTERVAL == 0]
+    expected_steps = [
+        epoch * STEPS_PER_EPOCH + s + 1
+        for epoch in range(EPOCHS)
+        for s in probed
+    ]
+    assert [int(row["step"]) for row in samples] == expected_steps
+    assert [int(row["epoch"]) for row in samples] == [
+        epoch + 1 for epoch in range(EPOCHS) for _ in probed
+    ]
+    sizes = [int(row["batch_size"]) for row in samples]
+    assert sizes == [BATCH_SIZE] * 4 + [LAST_BATCH] + [BATCH_SIZE] * 4 + [
+        LAST_BATCH
+    ]
+
+
+def test_sample_rows_are_consistent(normal_run):
+    samples = normal_run["samples"]
+    for index, row in enumerate(samples):
+        rate = schedules.learning_rate_for_epoch(
+            int(row["epoch"]) - 1, EPOCHS, LEARNING_RATE
+        )
+        assert row["learning_rate"] == pytest.approx(rate, rel=1e-6)
+        assert row["fisher_energy"] == pytest.approx(
+            rate / row["batch_size"] * math.sqrt(row["trace"]), rel=1e-6
+        )
+        assert 1 <= row["rank"] <= row["batch_size"]
+        assert row["lambda_min"] <= row["lambda_max"] <= row["trace"]
+        assert row["condition_number"] == pytest.approx(
+            math.sqrt(row["lambda_max"] / row["lambda_min"]), rel=1e-6
+        )
+        so_far = samples[: index + 1]
+        assert row["mean_condition_number"] == pytest.approx(
+            np.nanmean([r["condition_number"] for r in so_far]), rel=1e-9
+        )
+        energy = sum(r["fisher_energy"] for r in so_far)
+        assert row["cumulative_fisher_energy"] == pytest.approx(
+            energy * row["step"] / len(so_far), rel=1e-9
+        )
+
+
+def test_epoch_rows_match_samples(normal_run):
+    samples, epochs = normal_run["samples"], normal_run["epochs"]
+    assert [int(row["epoch"]) for row in epochs] == [1, 2]
+    for row in epochs:
+        epoch = int(row["epoch"])
+        so_far = [s for s in samples if s["epoch"] <= epoch]
+        iterations = epoch * STEPS_PER_EPOCH
+        assert row["num_iterations"] == iterations
+        assert row["num_samples"] == len(so_far)
+        assert row["batch_size"] == BATCH_SIZE
+        assert row["learning_rate"] == pytest.approx(
+            schedules.learning_rate_for_epoch(
+                epoch - 1, EPOCHS, LEARNING_RATE
+            ),
+            rel=1e-6,
+        )
+        assert row["mean_condition_number"] == pytest.approx(
+            np.nanmean([s["condition_number"] for s in so_far]), rel=1e-9
+        )
+        energy = sum(s["fisher_energy"] for s in so_far)
+        assert row["cumulative_fisher_energy"] == pytest.approx(
+            energy * iterations / len(so_far), rel=1e-9
+        )
+        for key in ("train_error", "test_error"):
+            assert 0.0 <= row[key] <= 1.0, key
+        assert math.isfinite(row["loss"])
+    # Two epochs of SGD on digits beat chance by far.
+    assert epochs[-1]["test_error"] < 0.5
+
+
+def test_summary_matches_last_epoch(normal_run):
+    summary, last = normal_run["summary"], normal_run["epochs"][-1]
+    assert summary["status"] == "completed"
+    assert summary["diverged_at"] is None
+    assert summary["epochs_completed"] == EPOCHS
+    for key in (
+        "test_error", "mean_condition_number", "cumulative_fisher_energy",
+        "num_iterations", "num_samples",
+    ):
+        assert summary["final"][key] == pytest.approx(last[key]), key
+    measures = summary["measures"]
+    assert measures["num_samples"] == len(normal_run["samples"])
+    assert measures["num_iterations"] == EPOCHS * STEPS_PER_EPOCH
+    assert measures["num_defined"] == len(normal_run["samples"])
+    assert measures["condition_number_sum"] == pytest.approx(
+        sum(row["condition_number"] for row in normal_run["samples"])
+    )
+
+
+def test_tensorboard_scalars_match_csv(normal_run):
+    folder = normal_run["folder"] / "tensorboard"
+    fisher = read_scalars(folder / "fisher")
+    epochs, samples = normal_run["epochs"], normal_run["samples"]
+    for tag, column in (
+        ("epoch_mean_condition_number", "mean_condition_number"),
+        ("epoch_cumulative_fisher_energy", "cumulative_fisher_energy"),
+    ):
+        assert fisher[tag] == {
+            index: pytest.approx(row[column], rel=1e-6)
+            for index, row in enumerate(epochs)
+        }, tag
+    for tag, column in (
+        ("batch_condition_number", "condition_number"),
+        ("batch_fisher_energy", "fisher_energy"),
+        ("batch_trace", "trace"),
+    ):
+        assert fisher[tag] == {
+            int(row["step"]): pytest.approx(row[column], rel=1e-6)
+            for row in samples
+        }, tag
+    train = read_scalars(folder / "train")
+    assert train["epoch_loss"] == {
+        index: pytest.approx(row["loss"], rel=1e-5)
+        for index, row in enumerate(epochs)
+    }
+
+
+def test_divergence_stops_and_keeps_rows(runs):
+    folder, code, stderr = runs["diverged"]
+    assert code == 3, stderr
+    summary = read_json(folder / "summary.json")
+    samples = read_csv(folder / "samples.csv")
+    epochs = read_csv(folder / "epochs.csv")
+    assert summary["status"] == "diverged"
+    # Training stops right after the first probe whose Gram trace is not
+    # finite, within the first epoch of 16 steps. The rows so far are kept.
+    assert len(samples) >= 2
+    assert all(math.isfinite(row["trace"]) for row in samples[:-1])
+    assert not math.isfinite(samples[-1]["trace"])
+    last_step = int(samples[-1]["step"])
+    assert f"step {last_step} " in summary["diverged_at"]
+    assert summary["measures"]["num_samples"] == len(samples)
+    assert summary["measures"]["num_iterations"] == last_step < 16
+    assert summary["epochs_completed"] == len(epochs) == 1
+    assert epochs[0]["num_iterations"] == last_step
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FLAGS))
+def test_bad_flag_is_rejected(runs, name):
+    folder, code, stderr = runs[name]
+    flag, value = BAD_FLAGS[name][0].split("=")
+    assert code != 0
+    assert "Traceback" not in stderr, stderr
+    errors = [
+        line for line in stderr.splitlines() if line.startswith("Error:")
+    ]
+    assert len(errors) == 1, stderr
+    assert flag in errors[0]
+    assert value in errors[0]
+    # Rejected before anything is written: no run folder at all.
+    assert not folder.exists()
