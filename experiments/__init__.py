@@ -1,0 +1,1 @@
+"""Studies of the Fisher measures: grids of training runs and their runner."""

@@ -1,0 +1,1 @@
+"""Study configurations; each module defines `get_study()`."""

@@ -1,0 +1,290 @@
+"""Tests for experiments.study and experiments.sweep: grids, run folders,
+resuming, divergence, and one real sweep of two one-epoch MLP runs."""
+
+import dataclasses
+import json
+import os
+import textwrap
+
+import pytest
+from absl import flags
+
+from experiments import study as study_lib
+from experiments import sweep
+from tf_fisher import run
+from tf_fisher import schedules
+
+
+def read_json(path):
+    with open(path) as file:
+        return json.load(file)
+
+
+def small_grid(**changes):
+    fields = {
+        "dataset": "mnist5k",
+        "model": "mlp",
+        "epochs": 20,
+        "batch_sizes": (32, 128),
+        "learning_rates": (0.05, 0.2),
+        "seeds": (0, 1),
+    }
+    fields.update(changes)
+    return study_lib.Grid(**fields)
+
+
+def small_study(*grids):
+    return study_lib.Study(name="small", grids=grids or (small_grid(),))
+
+
+def test_expand_orders_by_seed_then_grid():
+    specs = study_lib.expand(small_study(), "/out")
+    names = [spec.name for spec in specs]
+    assert names == [
+        "mnist5k_mlp_e20/s32_lr0.05_seed0",
+        "mnist5k_mlp_e20/s128_lr0.05_seed0",
+        "mnist5k_mlp_e20/s32_lr0.2_seed0",
+        "mnist5k_mlp_e20/s128_lr0.2_seed0",
+        "mnist5k_mlp_e20/s32_lr0.05_seed1",
+        "mnist5k_mlp_e20/s128_lr0.05_seed1",
+        "mnist5k_mlp_e20/s32_lr0.2_seed1",
+        "mnist5k_mlp_e20/s128_lr0.2_seed1",
+    ]
+    config = specs[2].config
+    assert config.output_dir == "/out/mnist5k_mlp_e20/s32_lr0.2_seed0"
+    assert config.batch_sizes == (32,)
+    assert config.learning_rate == 0.2
+    assert config.schedule == "s32"
+    assert config.stage_epochs is None
+
+
+def test_expand_adds_schedules_and_missing_beacons():
+    grid = small_grid(
+        seeds=(0,), schedules=("s32-to-128", "s32-to-128-MS"),
+        schedule_learning_rate=0.1,
+    )
+    specs = {spec.name: spec for spec in study_lib.expand(
+        small_study(grid), "/out"
+    )}
+    # 2 x 2 grid runs, 2 beacons at lr 0.1, 2 schedules.
+    assert len(specs) == 8
+    assert "mnist5k_mlp_e20/s32_lr0.1_seed0" in specs
+    assert "mnist5k_mlp_e20/s128_lr0.1_seed0" in specs
+    multi = specs["mnist5k_mlp_e20/s32-to-128-MS_lr0.1_seed0"].config
+    stages = schedules.parse_schedule("s32-to-128-MS", 20)
+    assert multi.batch_sizes == tuple(stage.batch_size for stage in stages)
+    assert multi.stage_epochs == [
+        [stage.first_epoch, stage.end_epoch] for stage in stages
+    ]
+    assert multi.learning_rate == 0.1
+    # The config trains the stages that the schedule names.
+    assert multi.stages() == stages
+
+
+def test_expand_keeps_beacons_in_grid_once():
+    grid = small_grid(seeds=(0,), schedules=("s32-to-128",),
+                      schedule_learning_rate=0.05)
+    names = [spec.name for spec in study_lib.expand(small_study(grid), "o")]
+    assert len(names) == len(set(names)) == 5
+
+
+def test_grid_options_reach_run_config():
+    grid = small_grid(options={"fisher_interval": 7, "momentum": 0.5})
+    config = study_lib.expand(small_study(grid), "o")[0].config
+    assert config.fisher_interval == 7
+    assert config.momentum == 0.5
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"dataset": "imagenet"}, "Invalid dataset 'imagenet'"),
+        ({"model": "vgg"}, "Invalid model 'vgg'"),
+        ({"epochs": 0}, "Invalid epochs"),
+        ({"batch_sizes": (32, 0)}, "Invalid batch_sizes"),
+        ({"batch_sizes": ()}, "Invalid batch_sizes"),
+        ({"learning_rates": (0.1, -1.0)}, "Invalid learning_rates"),
+        ({"seeds": (0, 0)}, "Repeated seed"),
+        ({"seeds": ()}, "Invalid seeds"),
+        ({"schedules": ("s32-to-100",)}, "grid 'mnist5k_mlp_e20'"),
+        ({"epochs": 10, "schedules": ("s32-to-512-MS",)}, "at least 20"),
+        ({"options": {"momentun": 0.9}}, "Unknown option 'momentun'"),
+        ({"options": {"seed": 3}}, "the grid sets it"),
+    ],
+)
+def test_check_study_rejects(changes, message):
+    with pytest.raises(ValueError, match=message):
+        study_lib.check_study(small_study(small_grid(**changes)))
+
+
+def test_check_study_rejects_duplicate_folders():
+    with pytest.raises(ValueError, match="distinct"):
+        study_lib.check_study(small_study(small_grid(), small_grid()))
+
+
+def test_load_study_from_name_and_file(tmp_path):
+    assert study_lib.load_study("smoke").name == "smoke"
+    assert study_lib.load_study("experiments.configs.smoke").name == "smoke"
+    path = tmp_path / "mine.py"
+    path.write_text(textwrap.dedent("""
+        from experiments.study import Grid, Study
+
+        def get_study():
+            return Study(name="mine", grids=(Grid(
+                dataset="mnist5k", model="mlp", epochs=1,
+                batch_sizes=(8,), learning_rates=(0.1,)),))
+    """))
+    assert study_lib.load_study(str(path)).name == "mine"
+
+
+def test_load_study_errors(tmp_path):
+    with pytest.raises(ValueError, match="not found.*mnist5k_cpu"):
+        study_lib.load_study("no_such_study")
+    with pytest.raises(ValueError, match="not found"):
+        study_lib.load_study(str(tmp_path / "missing.py"))
+    path = tmp_path / "empty.py"
+    path.write_text("X = 1\n")
+    with pytest.raises(TypeError, match="get_study"):
+        study_lib.load_study(str(path))
+
+
+def test_every_shipped_config_is_valid():
+    for name in study_lib.available_configs():
+        study = study_lib.load_study(name)
+        assert study_lib.expand(study, "o"), name
+
+
+def test_select_grids():
+    study = small_study(small_grid(), small_grid(model="resnet8"))
+    chosen = sweep.select_grids(study, ["mnist5k_resnet8_e20"])
+    assert [grid.model for grid in chosen.grids] == ["resnet8"]
+    with pytest.raises(ValueError, match="Unknown grid 'x'.*mnist5k_mlp"):
+        sweep.select_grids(study, ["x"])
+
+
+def test_with_data_dir_replaces_option():
+    study = sweep.with_data_dir(small_study(), "/data")
+    assert study.grids[0].options == {"data_dir": "/data"}
+    spec = study_lib.expand(study, "o")[0]
+    assert spec.config.data_dir == "/data"
+
+
+def test_clear_run_folder(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "tensorboard").mkdir(parents=True)
+    (folder / "epochs.csv").write_text("epoch\n1\n")
+    sweep.clear_run_folder(str(folder))
+    assert not folder.exists()
+    sweep.clear_run_folder(str(folder))
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt"):
+        sweep.clear_run_folder(str(folder))
+    assert (folder / "notes.txt").exists()
+
+
+def test_finished_summary_rejects_other_config(tmp_path):
+    spec = study_lib.expand(small_study(), str(tmp_path))[0]
+    os.makedirs(spec.config.output_dir)
+    assert sweep.finished_summary(spec) is None
+    recorded = dataclasses.asdict(spec.config)
+    summary = {"status": "completed", "config": recorded, "final": {}}
+    path = os.path.join(spec.config.output_dir, "summary.json")
+    run.write_json_atomically(path, summary)
+    assert sweep.finished_summary(spec) == read_json(path)
+    recorded["epochs"] = 3
+    run.write_json_atomically(path, summary)
+    with pytest.raises(ValueError, match="epochs: 3 != 20"):
+        sweep.finished_summary(spec)
+
+
+def test_format_duration():
+    assert sweep.format_duration(42.4) == "42 s"
+    assert sweep.format_duration(185) == "3 min 05 s"
+    assert sweep.format_duration(3720) == "1 h 02 min"
+
+
+def test_run_sweep_rejects_bad_jobs(tmp_path):
+    with pytest.raises(ValueError, match="jobs=0"):
+        sweep.run_sweep(small_study(), str(tmp_path), jobs=0)
+
+
+def parse_flags(*args):
+    """Return the sweep's flags, defined apart from the global ones and
+    parsed from `args`."""
+    values = sweep.define_flags(flags.FlagValues())
+    values(["sweep", *args])
+    return values
+
+
+def test_main_dry_run_lists_runs(tmp_path, capsys):
+    values = parse_flags("--dry_run", f"--output_dir={tmp_path}")
+    assert sweep.main(["sweep", "smoke"], values) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "mnist5k_mlp_e1/s128_lr0.05_seed0\tto train"
+    assert lines[-1] == f"4 runs in {tmp_path}"
+    assert not os.path.exists(tmp_path / "sweep.json")
+
+
+def test_main_rejects_bad_config(capsys):
+    assert sweep.main(["sweep", "no_such_study"], parse_flags()) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def read_rows(path):
+    with open(path) as file:
+        return file.read().splitlines()[1:]
+
+
+def test_real_sweep_resumes_and_records_divergence(tmp_path, monkeypatch):
+    """Two one-epoch MLP runs, one left interrupted by an earlier sweep, one
+    at a learning rate that overflows, and a run that fails at once (batch
+    size above the 4,000 training digits), in two pools of two workers
+    that take one run each. A second sweep skips the two finished runs."""
+    monkeypatch.setattr(sweep, "RUNS_PER_WORKER", 1)
+    output_dir = str(tmp_path / "sweep")
+    grid = study_lib.Grid(
+        dataset="mnist5k", model="mlp", epochs=1, batch_sizes=(512,),
+        learning_rates=(0.05, 1e6), seeds=(0,),
+        options={"fisher_interval": 4},
+    )
+    too_big = dataclasses.replace(
+        grid, batch_sizes=(5000,), learning_rates=(0.05,), name="too_big"
+    )
+    study = study_lib.Study(name="tiny", grids=(grid, too_big))
+    good, bad, failed = [
+        spec.name for spec in study_lib.expand(study, output_dir)
+    ]
+    # The interrupted run: files of an attempt without summary.json.
+    interrupted = os.path.join(output_dir, good)
+    os.makedirs(os.path.join(interrupted, "tensorboard"))
+    epochs_path = os.path.join(interrupted, "epochs.csv")
+    with open(epochs_path, "w") as file:
+        file.write("epoch,test_error\n1,0.5\nstale row\n")
+
+    outcomes = sweep.run_sweep(study, output_dir, jobs=2)
+    status = {outcome.name: outcome.status for outcome in outcomes}
+    assert status == {good: "completed", bad: "diverged", failed: "failed"}
+    assert "batch size 5000" in outcomes[2].message
+    assert run.read_summary(os.path.join(output_dir, failed)) is None
+    assert len(read_rows(epochs_path)) == 1
+    assert not any("stale" in row for row in read_rows(epochs_path))
+    assert os.path.exists(os.path.join(interrupted, "train.log"))
+    summary = run.read_summary(os.path.join(output_dir, bad))
+    assert summary["status"] == "diverged"
+    assert summary["diverged_at"]
+    record = read_json(os.path.join(output_dir, "sweep.json"))
+    assert record["runs"] == [good, bad, failed]
+    assert record["last_sweep"]["trained"] == 3
+    assert record["last_sweep"]["failed"] == 1
+
+    # Both runs are finished: nothing trains, and nothing is rewritten.
+    summary_path = os.path.join(output_dir, good, "summary.json")
+    stamp = os.path.getmtime(summary_path)
+    study = dataclasses.replace(study, grids=(grid,))
+    outcomes = sweep.run_sweep(study, output_dir, jobs=2)
+    assert [outcome.status for outcome in outcomes] == ["skipped"] * 2
+    assert [outcome.message for outcome in outcomes] == [
+        "completed", "diverged"
+    ]
+    assert os.path.getmtime(summary_path) == stamp
