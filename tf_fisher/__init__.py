@@ -6,6 +6,7 @@ The public names are the Gram matrix of per-example gradients
 (`FisherCallback`).
 """
 
+from tf_fisher.adaptive import AdaptiveBatchSize
 from tf_fisher.callbacks import FisherCallback
 from tf_fisher.gram import gram_matrix
 from tf_fisher.measures import RunningMeasures
@@ -13,6 +14,7 @@ from tf_fisher.measures import spectrum_statistics
 from tf_fisher.model import FisherModel
 
 __all__ = [
+    "AdaptiveBatchSize",
     "FisherCallback",
     "FisherModel",
     "RunningMeasures",

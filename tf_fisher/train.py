@@ -21,7 +21,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from tf_fisher import adaptive
 from tf_fisher import batch_size_policies
@@ -300,7 +299,7 @@ def main(argv):
         config = config_from_flags()
         summary = _train(config)
     except (ValueError, data.DatasetNotFoundError) as error:
-        logging.error("%s", error)
+        # One plain line for the user; absl's log prefix would hide it.
         print(f"Error: {error}", file=sys.stderr)
         return 2
     return 0 if summary["status"] == "completed" else 3
