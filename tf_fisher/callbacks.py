@@ -149,10 +149,7 @@ class FisherCallback(keras.callbacks.Callback):
             )
 
     def _read_probe(self):
-        values = {
-            key: float(variable.numpy())
-            for key, variable in self.model.probe_values.items()
-        }
+        values = self.model.read_probe_values()
         learning_rate = float(
             keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         )

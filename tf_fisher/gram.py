@@ -11,7 +11,12 @@ IEEE TPAMI 2020).
 F is a sum over layers, F = Σ_l J_lᵀ J_l, so it is accumulated one layer at a
 time and J is never held whole. One forward pass records every layer's input
 and output, and one backward pass returns the gradient arriving at every
-layer's output. From those two tensors each layer's block follows:
+layer's output. From those two tensors each layer's block follows. With
+`GramTaps` (used by `gram_matrix` and by `tf_fisher.FisherModel`) each block
+is formed inside the backward pass, as soon as its gradient arrives, so the
+probe adds to the memory of a training step the B x B blocks and one layer's
+temporaries at a time (for a materialised convolution, its per-example
+gradients):
 
 * `Dense` and `Conv2D` (no groups): the weight gradient of example i is
   Σ_t a_it ⊗ g_it over output positions t, with a the layer input (for a
@@ -19,7 +24,9 @@ layer's output. From those two tensors each layer's block follows:
   output. The block is either the pairwise form
   Σ_{t,s} (a_it · a_js)(g_it · g_js), which for a single position is
   (A Aᵀ) ⊙ (G Gᵀ), or the Gram of the materialised per-example gradients,
-  whichever costs fewer multiply-adds. The bias adds the Gram of Σ_t g_it.
+  whichever costs fewer multiply-adds (`linear_gram_form`). A convolution
+  materialises them with TensorFlow's filter-gradient op, grouped so that
+  each example is one group. The bias adds the Gram of Σ_t g_it.
 * `BatchNormalization` in training mode couples the examples of a batch. As in
   the authors' code, example i contributes γ_i = Σ_space x̂_i · δ_i and
   β_i = Σ_space δ_i, with x̂ normalised by the batch statistics and δ the
@@ -38,6 +45,7 @@ benchmarks.
 """
 
 import dataclasses
+import math
 import warnings
 
 import keras
@@ -95,7 +103,7 @@ def _call_with_training(layer, args, kwargs, training):
     return layer(*args, **kwargs)
 
 
-def traced_call(model, inputs, training=True):
+def traced_call(model, inputs, training=True, taps=None):
     """Run `model` on `inputs` and record every call of a layer with weights.
 
     Nested `Functional` and `Sequential` models are traced through, so the
@@ -105,6 +113,8 @@ def traced_call(model, inputs, training=True):
         model: a Functional or built Sequential `keras.Model`.
         inputs: the model input, as `model(inputs)` takes it.
         training: the training flag passed to every layer that accepts one.
+        taps: optional `GramTaps`; each recorded output then flows on to
+            the next layers through `taps.tap`.
 
     Returns:
         A pair `(outputs, calls)`: the model outputs and a list of `LayerCall`
@@ -114,11 +124,11 @@ def traced_call(model, inputs, training=True):
         ValueError: if the model is not a graph of layers.
     """
     calls = []
-    outputs = _trace_graph(model, inputs, training, calls)
+    outputs = _trace_graph(model, inputs, training, calls, taps)
     return outputs, calls
 
 
-def _trace_graph(model, inputs, training, calls):
+def _trace_graph(model, inputs, training, calls, taps):
     graph = _functional_of(model)
     if graph is None:
         raise ValueError(
@@ -133,10 +143,14 @@ def _trace_graph(model, inputs, training, calls):
             if _functional_of(operation) is not None and isinstance(
                 operation, keras.Model
             ):
-                return _trace_graph(operation, args[0], training, calls)
+                return _trace_graph(
+                    operation, args[0], training, calls, taps
+                )
             output = _call_with_training(operation, args, kwargs, training)
             if operation.trainable_weights:
                 calls.append(LayerCall(operation, args[0], output))
+                if taps is not None:
+                    output = taps.tap(calls[-1])
             return output
 
         return call
@@ -166,16 +180,35 @@ def per_example_losses(loss, y_true, y_pred):
     return values
 
 
-def _pre_activation_gradient(layer, inputs, output_gradient):
-    """Return the gradient at the output of `layer` before its activation."""
+# Derivatives of common activations written in terms of their output y, so
+# the gradient before the activation needs no second pass through the layer.
+# Each matches the gradient TensorFlow registers for the op.
+_ACTIVATION_DERIVATIVES = {
+    keras.activations.relu: lambda y: tf.cast(y > 0, y.dtype),
+    keras.activations.sigmoid: lambda y: y * (1 - y),
+    keras.activations.tanh: lambda y: 1 - tf.square(y),
+}
+
+
+def _pre_activation_gradient(layer, inputs, output, output_gradient):
+    """Return the gradient at the output of `layer` before its activation.
+
+    ReLU, sigmoid and tanh use their derivative at the recorded `output`;
+    any other activation is applied again to the recomputed linear output.
+    """
     activation = getattr(layer, "activation", None)
     if activation is None or activation is keras.activations.linear:
         return output_gradient
+    derivative = _ACTIVATION_DERIVATIVES.get(activation)
+    if derivative is not None:
+        return output_gradient * derivative(output)
     pre_activation = _linear_output(layer, inputs)
     with tf.GradientTape() as tape:
         tape.watch(pre_activation)
-        output = activation(pre_activation)
-    return tape.gradient(output, pre_activation, output_gradients=output_gradient)
+        recomputed = activation(pre_activation)
+    return tape.gradient(
+        recomputed, pre_activation, output_gradients=output_gradient
+    )
 
 
 def _linear_output(layer, inputs):
@@ -193,13 +226,68 @@ def _static_batch(tensor, default=128):
     return default if batch is None else batch
 
 
+def linear_gram_form(batch, positions, d_in, d_out):
+    """Choose how to form the Gram block of a weight shared across positions.
+
+    Args:
+        batch: B, the number of examples.
+        positions: T, output positions per example (1 for a Dense layer on
+            a vector).
+        d_in: inputs per position (for a convolution, kernel height x
+            kernel width x input channels).
+        d_out: outputs per position.
+
+    Returns:
+        "pairwise" when Σ_{t,s} (a_it · a_js)(g_it · g_js) needs no more
+        multiply-adds, B² T² (d_in + d_out + 1), than materialising the
+        per-example gradients and taking their inner products,
+        B T d_in d_out + B² d_in d_out; otherwise "materialised".
+    """
+    pairwise_cost = batch * batch * positions * positions * (d_in + d_out + 1)
+    materialised_cost = (
+        batch * positions * d_in * d_out + batch * batch * d_in * d_out
+    )
+    return "pairwise" if pairwise_cost <= materialised_cost else "materialised"
+
+
+def _row_products(matrix):
+    """M Mᵀ, `[rows, rows]`, of a `[rows, columns]` matrix.
+
+    Written as a batch of one matrix product: with oneDNN, TensorFlow 2.21's
+    BatchMatMul ran M Mᵀ two to three times faster on 2 CPU cores than
+    `tf.matmul(M, M, transpose_b=True)` for 128 rows and 1,000 to 37,000
+    columns.
+    """
+    batched = matrix[tf.newaxis]
+    return tf.matmul(batched, batched, transpose_b=True)[0]
+
+
+def _pairwise_gram(inputs, gradients):
+    """Σ_{t,s} (a_it · a_js)(g_it · g_js), `[batch, batch]`."""
+    if inputs.shape[1] == 1:
+        return _row_products(inputs[:, 0, :]) * _row_products(
+            gradients[:, 0, :]
+        )
+    a_products = tf.einsum("itd,jsd->ijts", inputs, inputs)
+    g_products = tf.einsum("itd,jsd->ijts", gradients, gradients)
+    return tf.reduce_sum(a_products * g_products, axis=[2, 3])
+
+
+def _flat_gram(per_example):
+    """Gram matrix `[batch, batch]` of per-example tensors `[batch, ...]`."""
+    return _row_products(
+        tf.reshape(per_example, [tf.shape(per_example)[0], -1])
+    )
+
+
 def linear_gram(inputs, gradients):
     """Gram block of a weight shared across positions, without bias.
 
     The weight gradient of example i is Σ_t a_it ⊗ g_it. The block is formed
-    in whichever of two ways needs fewer multiply-adds for these shapes: the
-    pairwise form Σ_{t,s} (a_it · a_js)(g_it · g_js), or materialising each
-    example's `[d_in, d_out]` gradient and taking inner products.
+    in whichever of two ways `linear_gram_form` finds cheaper for these
+    shapes: the pairwise form Σ_{t,s} (a_it · a_js)(g_it · g_js), or
+    materialising each example's `[d_in, d_out]` gradient and taking inner
+    products.
 
     Args:
         inputs: `[batch, positions, d_in]` layer inputs (or input patches).
@@ -208,49 +296,26 @@ def linear_gram(inputs, gradients):
     Returns:
         `[batch, batch]` float32 Gram block.
     """
-    batch = _static_batch(inputs)
-    positions, d_in = inputs.shape[1], inputs.shape[2]
-    d_out = gradients.shape[2]
-    pairwise_cost = batch * batch * positions * positions * (d_in + d_out + 1)
-    materialised_cost = (
-        batch * positions * d_in * d_out + batch * batch * d_in * d_out
+    return _linear_block(inputs, gradients)[0]
+
+
+def _linear_block(inputs, gradients):
+    """Return `linear_gram` and the summed weight gradient `[d_in, d_out]`,
+    or None in its place when the pairwise form avoided forming it."""
+    form = linear_gram_form(
+        _static_batch(inputs), inputs.shape[1], inputs.shape[2],
+        gradients.shape[2],
     )
-    if positions == 1:
-        a = inputs[:, 0, :]
-        g = gradients[:, 0, :]
-        return tf.matmul(a, a, transpose_b=True) * tf.matmul(
-            g, g, transpose_b=True
-        )
-    if pairwise_cost <= materialised_cost:
-        a_products = tf.einsum("itd,jsd->ijts", inputs, inputs)
-        g_products = tf.einsum("itd,jsd->ijts", gradients, gradients)
-        return tf.reduce_sum(a_products * g_products, axis=[2, 3])
+    if form == "pairwise":
+        return _pairwise_gram(inputs, gradients), None
     per_example = tf.einsum("itd,ite->ide", inputs, gradients)
-    flat = tf.reshape(per_example, [tf.shape(per_example)[0], d_in * d_out])
-    return tf.matmul(flat, flat, transpose_b=True)
-
-
-def _bias_gram(gradients):
-    summed = tf.reduce_sum(gradients, axis=1)
-    return tf.matmul(summed, summed, transpose_b=True)
+    return _flat_gram(per_example), tf.reduce_sum(per_example, axis=0)
 
 
 def _as_positions(tensor):
     """Reshape `[batch, ..., d]` to `[batch, positions, d]`."""
     depth = tensor.shape[-1]
     return tf.reshape(tensor, [tf.shape(tensor)[0], -1, depth])
-
-
-def _dense_gram(layer, inputs, output_gradient):
-    gradient = _pre_activation_gradient(layer, inputs, output_gradient)
-    a = _as_positions(inputs)
-    g = _as_positions(gradient)
-    gram = tf.zeros([tf.shape(a)[0]] * 2)
-    if layer.kernel.trainable:
-        gram += linear_gram(_with_static_positions(a, inputs), g)
-    if layer.bias is not None and layer.bias.trainable:
-        gram += _bias_gram(g)
-    return gram
 
 
 def _with_static_positions(flat, original):
@@ -264,31 +329,189 @@ def _with_static_positions(flat, original):
     return flat
 
 
+def _has_trainable_bias(layer):
+    return layer.bias is not None and layer.bias.trainable
+
+
+def _dense_gram(layer, inputs, output, output_gradient, kernel_gradients):
+    gradient = tf.cast(
+        _pre_activation_gradient(layer, inputs, output, output_gradient),
+        tf.float32,
+    )
+    inputs = tf.cast(inputs, tf.float32)
+    a = _with_static_positions(_as_positions(inputs), inputs)
+    g = _with_static_positions(_as_positions(gradient), gradient)
+    has_kernel = layer.kernel.trainable
+    has_bias = _has_trainable_bias(layer)
+    if a.shape[1] == 1 and has_kernel:
+        # Kernel and bias together: ((A Aᵀ) + 1) ⊙ (G Gᵀ).
+        input_products = _row_products(a[:, 0, :])
+        if has_bias:
+            input_products += 1.0
+        return input_products * _row_products(g[:, 0, :])
+    gram = tf.zeros([tf.shape(a)[0]] * 2)
+    if has_kernel:
+        block, kernel_gradient = _linear_block(a, g)
+        gram += block
+        if kernel_gradient is not None:
+            kernel_gradients[id(layer.kernel)] = kernel_gradient
+    if has_bias:
+        gram += _flat_gram(tf.reduce_sum(g, axis=1))
+    return gram
+
+
 def _conv_patches(layer, inputs):
+    """Input patches `[batch, out_height, out_width, kh * kw * channels]`."""
     kernel_height, kernel_width = layer.kernel_size
     stride_height, stride_width = layer.strides
     rate_height, rate_width = layer.dilation_rate
-    patches = tf.image.extract_patches(
+    return tf.image.extract_patches(
         inputs,
         sizes=[1, kernel_height, kernel_width, 1],
         strides=[1, stride_height, stride_width, 1],
         rates=[1, rate_height, rate_width, 1],
         padding=layer.padding.upper(),
     )
-    return patches
 
 
-def _conv_gram(layer, inputs, output_gradient):
-    gradient = _pre_activation_gradient(layer, inputs, output_gradient)
+# Examples per grouped filter-gradient op in `_conv_kernel_gradients`.
+# Measured on 2 CPU cores (AMD EPYC, TensorFlow 2.21 with oneDNN), chunks of
+# 16 ran 1.2 to 1.9 times faster than one op over a batch of 128 or 512 for
+# 32 x 32 and 16 x 16 feature maps of 16 and 32 channels. They ran up to 10%
+# slower for 8 x 8 x 64.
+_CONV_EXAMPLES_PER_OP = 16
+
+
+def _conv_kernel_gradients(layer, inputs, gradient):
+    """Per-example kernel gradients `[rows, kh, kw, in_channels, filters]`.
+
+    Args:
+        layer: a `Conv2D` layer with `channels_last` data.
+        inputs: `[batch, height, width, in_channels]` float32 layer inputs.
+        gradient: `[batch, out_height, out_width, filters]` float32
+            gradients before the activation.
+
+    Returns:
+        Row i < batch is the kernel gradient of example i. When the batch is
+        split into chunks, zero rows pad it to whole chunks, so `rows` may
+        exceed `batch`.
+    """
+    static_batch = inputs.shape[0]
+    if static_batch is not None and static_batch <= _CONV_EXAMPLES_PER_OP:
+        grouped = _grouped_filter_gradient(
+            layer, _batch_into_channels(inputs)[0],
+            _batch_into_channels(gradient)[0], static_batch,
+        )
+        return _examples_first(grouped[tf.newaxis], layer, static_batch)
+
+    chunk = _CONV_EXAMPLES_PER_OP
+    chunks = -(-tf.shape(inputs)[0] // chunk)
+    input_chunks = _batch_into_channels(inputs, chunk)
+    gradient_chunks = _batch_into_channels(gradient, chunk)
+
+    def body(index, results):
+        grouped = _grouped_filter_gradient(
+            layer, input_chunks[index], gradient_chunks[index], chunk
+        )
+        return index + 1, results.write(index, grouped)
+
+    _, results = tf.while_loop(
+        lambda index, _: index < chunks,
+        body,
+        (tf.constant(0), tf.TensorArray(tf.float32, size=chunks)),
+        parallel_iterations=2,
+    )
+    return _examples_first(results.stack(), layer, chunk)
+
+
+def _batch_into_channels(tensor, chunk=None):
+    """Move the examples into the channel axis, one chunk at a time.
+
+    Args:
+        tensor: `[batch, height, width, channels]`.
+        chunk: examples per chunk; None puts the whole batch in one chunk.
+
+    Returns:
+        `[chunks, 1, height, width, chunk * channels]`; the batch is padded
+        with zero examples to whole chunks.
+    """
+    shape = tf.shape(tensor)
+    channels = tensor.shape[-1]
+    if chunk is None:
+        chunk, chunks = shape[0], 1
+    else:
+        chunks = -(-shape[0] // chunk)
+        padding = chunks * chunk - shape[0]
+        tensor = tf.pad(tensor, [[0, padding], [0, 0], [0, 0], [0, 0]])
+    split = tf.reshape(tensor, [chunks, chunk, shape[1], shape[2], channels])
+    moved = tf.transpose(split, [0, 2, 3, 1, 4])
+    return tf.reshape(moved, [chunks, 1, shape[1], shape[2], -1])
+
+
+def _grouped_filter_gradient(layer, inputs, gradient, examples):
+    """Kernel gradients of `examples` examples from one grouped op.
+
+    With the examples in the channel axis (`_batch_into_channels`), example
+    i is group i of a convolution with one group per example, whose filter
+    gradient is the gradient of example i alone.
+
+    Returns:
+        `[kh, kw, in_channels, examples * filters]`.
+    """
+    kernel_height, kernel_width = layer.kernel_size
+    return tf.raw_ops.Conv2DBackpropFilter(
+        input=inputs,
+        filter_sizes=tf.stack([
+            kernel_height, kernel_width, layer.kernel.shape[2],
+            examples * layer.filters,
+        ]),
+        out_backprop=gradient,
+        strides=[1, *layer.strides, 1],
+        padding=layer.padding.upper(),
+        dilations=[1, *layer.dilation_rate, 1],
+    )
+
+
+def _examples_first(grouped, layer, chunk):
+    """`[chunks, kh, kw, in, chunk * filters]` to `[rows, kh, kw, in,
+    filters]`, rows = chunks * chunk."""
+    kernel_height, kernel_width, in_channels, _ = layer.kernel.shape
+    split = tf.reshape(grouped, [
+        -1, kernel_height, kernel_width, in_channels, chunk, layer.filters
+    ])
+    moved = tf.transpose(split, [0, 4, 1, 2, 3, 5])
+    return tf.reshape(
+        moved, [-1, kernel_height, kernel_width, in_channels, layer.filters]
+    )
+
+
+def _conv_gram(layer, inputs, output, output_gradient, kernel_gradients):
+    gradient = tf.cast(
+        _pre_activation_gradient(layer, inputs, output, output_gradient),
+        tf.float32,
+    )
+    inputs = tf.cast(inputs, tf.float32)
+    gram = tf.zeros([tf.shape(inputs)[0]] * 2)
+    if _has_trainable_bias(layer):
+        gram += _flat_gram(tf.reduce_sum(gradient, axis=[1, 2]))
+    if not layer.kernel.trainable:
+        return gram
+    kernel_height, kernel_width = layer.kernel_size
+    positions = gradient.shape[1] * gradient.shape[2]
+    d_in = kernel_height * kernel_width * inputs.shape[-1]
+    form = linear_gram_form(
+        _static_batch(inputs), positions, d_in, gradient.shape[-1]
+    )
+    if form == "materialised":
+        per_example = _conv_kernel_gradients(layer, inputs, gradient)
+        kernel_gradients[id(layer.kernel)] = tf.reduce_sum(per_example, axis=0)
+        # Padding rows are zero; cut their rows and columns off the block.
+        batch = tf.shape(inputs)[0]
+        return gram + _flat_gram(per_example)[:batch, :batch]
     patches = _conv_patches(layer, inputs)
     a = _with_static_positions(_as_positions(patches), patches)
     g = _with_static_positions(_as_positions(gradient), gradient)
-    gram = tf.zeros([tf.shape(a)[0]] * 2)
-    if layer.kernel.trainable:
-        gram += linear_gram(a, g)
-    if layer.bias is not None and layer.bias.trainable:
-        gram += _bias_gram(g)
-    return gram
+    return gram + _pairwise_gram(a, g)
 
 
 def _normalized_inputs(layer, inputs):
@@ -302,31 +525,51 @@ def _normalized_inputs(layer, inputs):
     return (inputs - mean) * tf.math.rsqrt(variance + layer.epsilon)
 
 
-def _batch_norm_contributions(layer, inputs, output_gradient):
-    """Per-example contributions `[batch, channels]` of γ and of β."""
-    normalized = _normalized_inputs(layer, inputs)
+def _batch_moments(layer, inputs):
+    """Mean and variance `[channels]` of a BatchNormalization input.
+
+    Computed with the same ops as Keras 3.15's BatchNormalization computes
+    them for float32 inputs, so Grappler can merge the two.
+    """
+    return tf.nn.moments(
+        tf.cast(inputs, tf.float32), axes=layer._reduction_axes
+    )
+
+
+def _batch_norm_contributions(layer, inputs, output_gradient, moments=None):
+    """Per-example contributions `[batch, channels]` of γ and of β.
+
+    γ_i = Σ_space x̂_i δ_i is formed as Σ_space (x_i - μ) δ_i / sqrt(σ² + ε),
+    so the only full-size products are x - μ and (x - μ) δ. `moments` are
+    the batch moments from `_batch_moments`, computed here when None.
+    """
+    inputs = tf.cast(inputs, tf.float32)
     delta = tf.cast(output_gradient, tf.float32)
-    space_axes = [
-        axis for axis in layer._reduction_axes if axis != 0
-    ]
+    space_axes = [axis for axis in layer._reduction_axes if axis != 0]
+    delta_sums = tf.reduce_sum(delta, axis=space_axes)
     contributions = []
     if layer.scale and layer.gamma.trainable:
-        contributions.append(
-            tf.reduce_sum(normalized * delta, axis=space_axes)
+        mean, variance = moments or _batch_moments(layer, inputs)
+        shape = [1] * inputs.shape.rank
+        shape[layer.axis] = -1
+        centered_products = tf.reduce_sum(
+            (inputs - tf.reshape(mean, shape)) * delta, axis=space_axes
         )
+        inverse_std = tf.math.rsqrt(variance + layer.epsilon)
+        contributions.append(centered_products * inverse_std)
     if layer.center and layer.beta.trainable:
-        contributions.append(tf.reduce_sum(delta, axis=space_axes))
+        contributions.append(delta_sums)
     return contributions
 
 
-def _batch_norm_gram(layer, inputs, output_gradient):
+def _batch_norm_gram(layer, inputs, output_gradient, moments=None):
     _check_batch_norm(layer)
-    gram = tf.zeros([tf.shape(inputs)[0]] * 2)
-    for contribution in _batch_norm_contributions(
-        layer, inputs, output_gradient
-    ):
-        gram += tf.matmul(contribution, contribution, transpose_b=True)
-    return gram
+    contributions = _batch_norm_contributions(
+        layer, inputs, output_gradient, moments
+    )
+    if not contributions:
+        return tf.zeros([tf.shape(inputs)[0]] * 2)
+    return _flat_gram(tf.concat(contributions, axis=1))
 
 
 def _check_batch_norm(layer):
@@ -359,12 +602,17 @@ def _is_closed_form(layer):
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
-def _closed_form_gram(layer, inputs, output_gradient):
+def _closed_form_gram(call, output_gradient, kernel_gradients, moments):
+    layer, inputs = call.layer, call.inputs
     if isinstance(layer, keras.layers.BatchNormalization):
-        return _batch_norm_gram(layer, inputs, output_gradient)
+        return _batch_norm_gram(layer, inputs, output_gradient, moments)
     if isinstance(layer, keras.layers.Conv2D):
-        return _conv_gram(layer, inputs, output_gradient)
-    return _dense_gram(layer, inputs, output_gradient)
+        return _conv_gram(
+            layer, inputs, call.output, output_gradient, kernel_gradients
+        )
+    return _dense_gram(
+        layer, inputs, call.output, output_gradient, kernel_gradients
+    )
 
 
 def _per_example_layer_gradients(layer, inputs, output_gradient):
@@ -411,7 +659,7 @@ def _apply_layer(layer, inputs):
 
 def _tape_gram(layer, inputs, output_gradient):
     per_example = _per_example_layer_gradients(layer, inputs, output_gradient)
-    return tf.matmul(per_example, per_example, transpose_b=True)
+    return _flat_gram(per_example)
 
 
 def _warn_fallback(layer):
@@ -440,8 +688,16 @@ def layer_gram(call, output_gradient, method="fast"):
     Returns:
         `[batch, batch]` float32 tensor.
     """
+    return _layer_gram(call, output_gradient, method, {})
+
+
+def _layer_gram(
+    call, output_gradient, method, kernel_gradients, moments=None
+):
     if method == "fast" and _is_closed_form(call.layer):
-        return _closed_form_gram(call.layer, call.inputs, output_gradient)
+        return _closed_form_gram(
+            call, output_gradient, kernel_gradients, moments
+        )
     if method == "fast":
         _warn_fallback(call.layer)
     return _tape_gram(call.layer, call.inputs, output_gradient)
@@ -479,11 +735,210 @@ def gram_from_calls(calls, output_gradients, method="fast"):
 
     Blocks are formed in float32 and summed in float64.
     """
+    return gram_and_kernel_gradients(calls, output_gradients, method)[0]
+
+
+def gram_and_kernel_gradients(calls, output_gradients, method="fast"):
+    """Sum the Gram blocks, and keep the kernel gradients formed on the way.
+
+    Where a layer's per-example kernel gradients are materialised, their sum
+    is the kernel's gradient of the summed loss, so a training step can use
+    it in place of a second computation from the output gradient.
+
+    Args:
+        calls: `LayerCall`s from `traced_call`.
+        output_gradients: gradient of the summed batch loss at each
+            `call.output`.
+        method: "fast" or "tape", as for `layer_gram`.
+
+    Returns:
+        A pair: the `[batch, batch]` float64 Gram matrix (blocks formed in
+        float32, summed in float64), and a dict from `id(kernel)` to the
+        float32 gradient of the summed loss with respect to that kernel,
+        for the kernels whose per-example gradients were materialised.
+    """
     gram = None
+    kernel_gradients = {}
     for call, gradient in zip(calls, output_gradients):
-        block = tf.cast(layer_gram(call, gradient, method), tf.float64)
+        block = _layer_gram(call, gradient, method, kernel_gradients)
+        block = tf.cast(block, tf.float64)
         gram = block if gram is None else gram + block
-    return gram
+    return gram, kernel_gradients
+
+
+class GramTaps:
+    """Identity taps on layer outputs that form the Gram blocks in backprop.
+
+    `traced_call(..., taps=taps)` passes each recorded layer output through
+    `tap`, an identity in the forward pass. In the backward pass the tap
+    receives the gradient at the layer output, forms the layer's Gram block
+    from it, and returns the block as the gradient of a `[batch, batch]`
+    zero tensor in `sources`. Except for Dense layers on vectors, the
+    gradient moves on to the layer's own backward pass only once the block
+    exists (`_held_until`).
+
+    Args:
+        tape: the `tf.GradientTape` that records the forward pass.
+        gradient_scale: scalar factor from the gradient of the loss that the
+            tape differentiates to the gradient of the summed per-example
+            loss: the batch size for a batch mean, 1 for a sum.
+        method: "fast" or "tape", as for `layer_gram`.
+        keep_kernel_gradients: if True, kernels whose per-example gradients
+            a block materialises also get a source, whose gradient is the
+            kernel's gradient of the differentiated loss.
+
+    Example:
+
+    ```python
+    with tf.GradientTape() as tape:
+        taps = GramTaps(tape, gradient_scale=1.0)
+        y_pred, calls = traced_call(model, x, taps=taps)
+        total = tf.reduce_sum(per_example_losses(loss, y, y_pred))
+    gram = taps.gram(tape.gradient(total, taps.sources))
+    ```
+    """
+
+    def __init__(
+        self, tape, gradient_scale, method="fast", keep_kernel_gradients=False
+    ):
+        self._tape = tape
+        self._scale = tf.cast(gradient_scale, tf.float32)
+        self._method = method
+        self._keep_kernel_gradients = keep_kernel_gradients
+        self.sources = []
+        self._block_indices = []
+        self._kernel_indices = {}
+
+    def tap(self, call):
+        """Return `call.output` through an identity that forms its block."""
+        batch = tf.shape(call.output)[0]
+        sources = [tf.zeros([batch, batch])]
+        layer = call.layer
+        keep_kernel = (
+            self._keep_kernel_gradients
+            and self._method == "fast"
+            and _materialises_kernel(call)
+        )
+        if keep_kernel:
+            sources.append(tf.zeros(layer.kernel.shape, tf.float32))
+            self._kernel_indices[id(layer.kernel)] = len(self.sources) + 1
+        for source in sources:
+            self._tape.watch(source)
+        self._block_indices.append(len(self.sources))
+        self.sources.extend(sources)
+        moments = None
+        if self._method == "fast" and isinstance(
+            layer, keras.layers.BatchNormalization
+        ):
+            # In the forward pass, where the layer computes the same ones.
+            moments = _batch_moments(layer, call.inputs)
+        identity = self._identity(call, keep_kernel, moments)
+        return identity(call.output, *sources)
+
+    def _identity(self, call, keep_kernel, moments):
+        @tf.custom_gradient
+        def identity(output, *sources):
+            def backward(upstream):
+                # Every block is quadratic in the output gradient, so it is
+                # formed from the gradient of the differentiated loss and
+                # scaled once, with no full-size scaled copy of the gradient.
+                kernel_gradients = {}
+                block = _layer_gram(
+                    _after(upstream, call), upstream, self._method,
+                    kernel_gradients, moments,
+                )
+                block *= tf.square(self._scale)
+                gradients = [_held_until(block, upstream, call), block]
+                if keep_kernel:
+                    gradients.append(
+                        kernel_gradients.get(id(call.layer.kernel))
+                    )
+                return gradients
+
+            return tf.identity(output), backward
+
+        return identity
+
+    def gram(self, source_gradients):
+        """Sum the blocks into the `[batch, batch]` float64 Gram matrix.
+
+        Args:
+            source_gradients: the gradients of `sources`, in order. A None
+                block (a layer the loss does not reach) counts as zero.
+        """
+        blocks = [
+            tf.cast(source_gradients[index], tf.float64)
+            for index in self._block_indices
+            if source_gradients[index] is not None
+        ]
+        return tf.add_n(blocks)
+
+    def kernel_gradients(self, source_gradients):
+        """Return a dict from `id(kernel)` to its gradient, for the kernels
+        whose per-example gradients were materialised."""
+        return {
+            key: source_gradients[index]
+            for key, index in self._kernel_indices.items()
+            if source_gradients[index] is not None
+        }
+
+
+def _materialises_kernel(call):
+    """Return True when the fast block of `call` forms per-example kernel
+    gradients, as `_dense_gram` and `_conv_gram` decide from static shapes.
+    """
+    layer = call.layer
+    is_linear = isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))
+    if not (is_linear and _is_closed_form(layer) and layer.kernel.trainable):
+        return False
+    inputs, output = call.inputs, call.output
+    if isinstance(layer, keras.layers.Dense):
+        spatial = inputs.shape[1:-1]
+        d_in = inputs.shape[-1]
+    else:
+        spatial = output.shape[1:-1]
+        d_in = math.prod(layer.kernel_size) * inputs.shape[-1]
+    if any(size is None for size in spatial) or not spatial:
+        return False
+    positions = math.prod(spatial)
+    if positions == 1 and isinstance(layer, keras.layers.Dense):
+        return False
+    form = linear_gram_form(
+        _static_batch(inputs), positions, d_in, output.shape[-1]
+    )
+    return form == "materialised"
+
+
+def _held_until(block, upstream, call):
+    """Return `upstream`, passed on to the layer's backward pass only after
+    `block` exists, except for Dense layers on vectors.
+
+    Holding it makes the block use its layer input and output gradient
+    while backprop still holds them, so the probe adds one layer's
+    temporaries at a time to the memory of the step. A Dense block on
+    vectors needs only `[batch, batch]` temporaries, and letting it overlap
+    with the rest of backprop made the MLP step about 4% faster on 2 CPU
+    cores.
+    """
+    if isinstance(call.layer, keras.layers.Dense) and upstream.shape.rank == 2:
+        return upstream
+    with tf.control_dependencies([block]):
+        return tf.identity(upstream)
+
+
+def _after(tensor, call):
+    """Return `call` with its input and output read only after `tensor`.
+
+    Without the control dependency, ops of a block that do not need the
+    output gradient, such as x - mean in BatchNormalization, may run as soon
+    as the forward pass has made their inputs, and their full-size results
+    then stay in memory until the gradient arrives. Measured on ResNet-20 at
+    batch 128, that doubled the peak memory of the step.
+    """
+    with tf.control_dependencies([tensor]):
+        inputs = tf.nest.map_structure(tf.identity, call.inputs)
+        output = tf.identity(call.output)
+    return LayerCall(call.layer, inputs, output)
 
 
 def gram_matrix(model, loss, x, y, method="fast"):
@@ -518,11 +973,11 @@ def gram_matrix(model, loss, x, y, method="fast"):
         )
     x = tf.convert_to_tensor(x)
     with tf.GradientTape() as tape:
-        y_pred, calls = traced_call(model, x, training=True)
+        taps = GramTaps(tape, gradient_scale=1.0, method=method)
+        y_pred, calls = traced_call(model, x, training=True, taps=taps)
         total = tf.reduce_sum(per_example_losses(loss, y, y_pred))
     check_traced_weights(model, calls)
-    output_gradients = tape.gradient(total, [c.output for c in calls])
-    return gram_from_calls(calls, output_gradients, method)
+    return taps.gram(tape.gradient(total, taps.sources))
 
 
 def per_example_gradients(model, loss, x, y):
@@ -555,7 +1010,7 @@ def whole_model_gram_matrix(model, loss, x, y):
     Valid for models without cross-example layers. Returns float64.
     """
     jacobian = tf.cast(per_example_gradients(model, loss, x, y), tf.float64)
-    return tf.matmul(jacobian, jacobian, transpose_b=True)
+    return _row_products(jacobian)
 
 
 def loop_gram_matrix(model, loss, x, y):
@@ -577,4 +1032,4 @@ def loop_gram_matrix(model, loss, x, y):
             tf.concat([tf.reshape(g, [-1]) for g in gradients], axis=0)
         )
     jacobian = tf.cast(tf.stack(columns), tf.float64)
-    return tf.matmul(jacobian, jacobian, transpose_b=True)
+    return _row_products(jacobian)

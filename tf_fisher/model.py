@@ -10,20 +10,40 @@ from tf_fisher import measures
 
 
 class _ProbeState:
-    """Variables that carry one probe's results out of the compiled step.
+    """The probe schedule and the variable that carries one probe's results
+    out of the compiled step.
 
-    Kept outside Keras attribute tracking on purpose: they are not weights and
-    must not be saved, trained or counted as parameters.
+    Kept outside Keras attribute tracking on purpose: the variable is not a
+    weight and must not be saved, trained or counted as parameters. One
+    vector, rather than a variable per value, costs the step one assignment
+    and the host one read.
+
+    Attributes:
+        step_in_epoch: 0-based index of the next step within its epoch, a
+            Python int counted on the host.
+        keys: names of the values, in the order of `vector`.
+        vector: float64 `tf.Variable` of shape `[len(keys)]`, NaN before the
+            first probe.
     """
 
     def __init__(self, keys):
-        self.step_in_epoch = tf.Variable(
-            0, dtype=tf.int64, trainable=False, name="step_in_epoch"
+        self.step_in_epoch = 0
+        self.keys = tuple(keys)
+        self.vector = tf.Variable(
+            tf.fill([len(self.keys)], tf.constant(math.nan, tf.float64)),
+            trainable=False,
+            name="probe_values",
         )
-        self.values = {
-            key: tf.Variable(math.nan, dtype=tf.float64, trainable=False)
-            for key in keys
-        }
+
+    def assign(self, statistics):
+        """Store a dict of scalar tensors keyed by `keys`."""
+        self.vector.assign(
+            tf.stack([tf.cast(statistics[key], tf.float64) for key in self.keys])
+        )
+
+    def read(self):
+        """Return the values as a dict of Python floats, in one host copy."""
+        return dict(zip(self.keys, self.vector.numpy().tolist()))
 
 
 class _ResetProbeSchedule(keras.callbacks.Callback):
@@ -35,7 +55,7 @@ class _ResetProbeSchedule(keras.callbacks.Callback):
         self._state = state
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._state.step_in_epoch.assign(0)
+        self._state.step_in_epoch = 0
 
 
 class FisherModel(keras.Model):
@@ -43,11 +63,14 @@ class FisherModel(keras.Model):
 
     Every step is an ordinary training step: forward pass, `compute_loss`,
     gradients, `optimizer.apply`. On steps 1, 1 + N, 1 + 2N, ... of each epoch
-    (N = `fisher_interval`) the same compiled step also forms the Gram matrix
-    F = Jᵀ J of the per-example gradients of the current batch, before the
-    update, from the layer inputs and output gradients of that one forward and
-    backward pass, and stores its measures in `probe_values`. A
-    `tf_fisher.FisherCallback` reads them after each probed step.
+    (N = `fisher_interval`) a second compiled step runs instead, which also
+    forms the Gram matrix F = Jᵀ J of the per-example gradients of the
+    current batch, before the update, from the layer inputs and output
+    gradients of that one forward and backward pass, and stores its measures
+    in `probe_values`. The host counts the steps and calls one compiled
+    function or the other, so steps without a probe run the plain step and
+    pay nothing for the measures. A `tf_fisher.FisherCallback` reads the
+    measures after each probed step.
 
     The Gram matrix uses the sum convention: column i of J is the gradient of
     example i's loss, so J is B times what the mean-reduced training loss
@@ -125,9 +148,18 @@ class FisherModel(keras.Model):
 
     @property
     def probe_values(self):
-        """Dict of float64 `tf.Variable`s holding the last probe's measures,
-        keyed by `tf_fisher.measures.PROBE_KEYS`."""
-        return self._probe.values
+        """Dict of float64 scalar tensors, the last probe's measures keyed by
+        `tf_fisher.measures.PROBE_KEYS`, read when the property is read."""
+        vector = self._probe.vector.read_value()
+        return {key: vector[i] for i, key in enumerate(self._probe.keys)}
+
+    def read_probe_values(self):
+        """Return the last probe's measures as a dict of Python floats.
+
+        One read copies them all to the host, which is cheaper than reading
+        each of `probe_values` in turn.
+        """
+        return self._probe.read()
 
     def call(self, inputs, training=None):
         return self.network(inputs, training=training)
@@ -155,59 +187,121 @@ class FisherModel(keras.Model):
         callbacks.insert(0, _ResetProbeSchedule(self._probe))
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
+    def make_train_function(self, force=False):
+        """Compile the plain and the probed step, and pick one on each call.
+
+        Probes fall on steps 0, N, 2N, ... of the epoch, counted on the
+        host, so choosing costs no device round trip.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        # NOTE: `_make_function` is the private helper behind Keras 3's own
+        # `make_train_function` (TensorFlow backend, checked on Keras 3.15).
+        plain_function = self._make_function(self.train_step)
+        probed_function = self._make_function(self.probed_train_step)
+        state = self._probe
+
+        def train_function(iterator):
+            probe = measures.is_probe_step(
+                state.step_in_epoch, self.fisher_interval
+            )
+            state.step_in_epoch += 1
+            if probe:
+                return probed_function(iterator)
+            return plain_function(iterator)
+
+        self.train_function = train_function
+        return train_function
+
     def train_step(self, data):
+        """Run one training step without a probe, as `keras.Model` does."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        weights = self.trainable_variables
-
-        # Forward and backward, recording each layer's input and output.
         with tf.GradientTape() as tape:
-            y_pred, calls = gram.traced_call(self.network, x, training=True)
-            loss = self.compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                training=True,
-            )
-            # Keras' own train_step tracks the loss the same way.
-            self._loss_tracker.update_state(
-                loss, sample_weight=tf.shape(y_pred)[0]
-            )
-        gram.check_traced_weights(self.network, calls)
-        gradient_list = tape.gradient(
-            loss, list(weights) + [call.output for call in calls]
-        )
-        weight_gradients = gradient_list[: len(weights)]
-        output_gradients = gradient_list[len(weights) :]
-
-        # Probe on steps 0, N, 2N, ... of the epoch, before the update.
-        step = self._probe.step_in_epoch
-        tf.cond(
-            tf.equal(step % self.fisher_interval, 0),
-            lambda: self._record_probe(calls, output_gradients, y_pred),
-            lambda: tf.constant(False),
-        )
-        step.assign_add(1)
-
-        # Update.
-        if self.weight_decay:
-            weight_gradients = [
-                g + self.weight_decay * tf.cast(w, g.dtype)
-                for g, w in zip(weight_gradients, weights)
-            ]
-        self.optimizer.apply(weight_gradients, weights)
+            y_pred = self.network(x, training=True)
+            loss = self._tracked_loss(x, y, y_pred, sample_weight)
+        weights = self.trainable_variables
+        self._apply_gradients(tape.gradient(loss, weights), weights)
         return self.compute_metrics(x, y, y_pred, sample_weight)
 
-    def _record_probe(self, calls, output_gradients, y_pred):
-        batch_size = tf.cast(tf.shape(y_pred)[0], tf.float32)
-        # The compiled loss is a batch mean: times B gives the summed loss.
-        summed_loss_gradients = [g * batch_size for g in output_gradients]
-        matrix = gram.gram_from_calls(
-            calls, summed_loss_gradients, self.gram_method
+    def probed_train_step(self, data):
+        """Run one training step that also measures the Gram matrix.
+
+        One forward and one backward pass give both the weight gradients and
+        the Gram matrix of the batch (`_gradients_and_gram`). The measures
+        are stored before the update.
+        """
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        weights = self.trainable_variables
+        y_pred, weight_gradients, matrix = self._gradients_and_gram(
+            x, y, sample_weight
         )
         statistics = measures.probe_statistics(
             matrix, self.eigenvalue_tolerance
         )
-        for key, value in statistics.items():
-            self._probe.values[key].assign(tf.cast(value, tf.float64))
-        return tf.constant(True)
+        self._probe.assign(statistics)
+        self._apply_gradients(weight_gradients, weights)
+        return self.compute_metrics(x, y, y_pred, sample_weight)
+
+    def _gradients_and_gram(self, x, y, sample_weight):
+        """Run the forward and backward pass of a probed step.
+
+        Every layer output passes through a `tf_fisher.gram.GramTaps` tap,
+        which forms the layer's Gram block during backprop. Where a block
+        materialises per-example kernel gradients, their sum replaces the
+        kernel's gradient from the layer's own backward pass, which is then
+        never computed. That is skipped when the loss has regularisation
+        terms, which the per-example gradients leave out. Benchmarks
+        override this method to time other ways of forming the matrix.
+
+        Returns:
+            The model output, the list of gradients of the loss with respect
+            to `trainable_variables`, and the `[batch, batch]` float64 Gram
+            matrix of the per-example gradients of the summed loss.
+        """
+        weights = self.trainable_variables
+        with tf.GradientTape() as tape:
+            # The compiled loss is a batch mean: times B gives the summed
+            # loss.
+            taps = gram.GramTaps(
+                tape,
+                gradient_scale=tf.shape(x)[0],
+                method=self.gram_method,
+                keep_kernel_gradients=True,
+            )
+            y_pred, calls = gram.traced_call(
+                self.network, x, training=True, taps=taps
+            )
+            loss = self._tracked_loss(x, y, y_pred, sample_weight)
+        gram.check_traced_weights(self.network, calls)
+        gradient_list = tape.gradient(loss, list(weights) + taps.sources)
+        weight_gradients = gradient_list[: len(weights)]
+        source_gradients = gradient_list[len(weights) :]
+        if not self.losses:
+            kernel_gradients = taps.kernel_gradients(source_gradients)
+            weight_gradients = [
+                kernel_gradients.get(id(w), g)
+                for w, g in zip(weights, weight_gradients)
+            ]
+        return y_pred, weight_gradients, taps.gram(source_gradients)
+
+    def _tracked_loss(self, x, y, y_pred, sample_weight):
+        loss = self.compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+            training=True,
+        )
+        # Keras' own train_step tracks the loss the same way.
+        self._loss_tracker.update_state(
+            loss, sample_weight=tf.shape(y_pred)[0]
+        )
+        return loss
+
+    def _apply_gradients(self, gradients, weights):
+        if self.weight_decay:
+            gradients = [
+                g + self.weight_decay * tf.cast(w, g.dtype)
+                for g, w in zip(gradients, weights)
+            ]
+        self.optimizer.apply(gradients, weights)
 
     def build(self, input_shape=None):
         # The wrapped network is already built; nothing to create here.

@@ -1,0 +1,372 @@
+"""Tests that every route of the fast Gram matrix matches a slower reference.
+
+The fast route forms each layer's block by a closed form: pairwise products
+or materialised per-example gradients for Dense and Conv2D, chosen by
+multiply-add count, the per-example contributions for BatchNormalization,
+and a per-layer tape for any other layer. Each test checks one route against
+J Jᵀ from single-example gradients (networks without BatchNormalization) or
+against the per-layer tape (networks with it), to a relative 1e-4 of the
+largest entry, in float32.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_fisher import gram
+from tf_fisher import measures
+from tf_fisher import models
+from tf_fisher.model import FisherModel
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+RTOL = 1e-4
+
+
+def assert_gram_close(actual, expected):
+    """Compare entrywise, with a floor of RTOL times the largest entry."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    assert np.abs(expected).max() > 0, "the reference Gram matrix is zero"
+    np.testing.assert_allclose(
+        actual, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max()
+    )
+
+
+def single_example_gram(model, x, y):
+    """J Jᵀ in float64 from one tape per example, J `[batch, P]`."""
+    rows = []
+    for i in range(int(x.shape[0])):
+        with tf.GradientTape() as tape:
+            logits = model(x[i : i + 1], training=True)
+            loss = tf.reduce_sum(LOSS.call(y[i : i + 1], logits))
+        gradients = tape.gradient(loss, model.trainable_weights)
+        rows.append(np.concatenate([np.ravel(g) for g in gradients]))
+    jacobian = np.stack(rows).astype(np.float64)
+    return jacobian @ jacobian.T
+
+
+def random_batch(input_shape, size, classes, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(size, *input_shape)).astype(np.float32)
+    y = rng.integers(0, classes, size=size).astype(np.int32)
+    return tf.constant(x), tf.constant(y)
+
+
+def digit_batch(digits, size, channels=1):
+    images = digits.train_images[:size]
+    if channels != images.shape[-1]:
+        images = np.repeat(images, channels, axis=-1)
+    return tf.constant(images), tf.constant(digits.train_labels[:size])
+
+
+def fast_gram_without_warnings(model, x, y):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return gram.gram_matrix(model, LOSS, x, y, method="fast")
+
+
+# Dense layers.
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "elu"])
+def test_dense_on_vectors_matches_loop(activation):
+    """One position per example: ((A Aᵀ) + 1) ⊙ (G Gᵀ). ELU has no
+    derivative written from its output, so its layer recomputes it."""
+    inputs = keras.Input((7,))
+    hidden = keras.layers.Dense(
+        6, activation=activation, bias_initializer="ones"
+    )(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4)(hidden))
+    x, y = random_batch((7,), 9, 4, seed=1)
+    assert_gram_close(
+        fast_gram_without_warnings(model, x, y),
+        single_example_gram(model, x, y),
+    )
+
+
+@pytest.mark.parametrize(
+    "positions, width, expected_form",
+    [(2, 40, "pairwise"), (30, 3, "materialised")],
+)
+def test_dense_on_sequences_matches_loop(positions, width, expected_form):
+    """A Dense on `[batch, positions, features]` shares its kernel across
+    positions; the shapes select each form."""
+    batch = 5
+    assert gram.linear_gram_form(batch, positions, width, width) == (
+        expected_form
+    )
+    inputs = keras.Input((positions, width))
+    hidden = keras.layers.Dense(width, activation="tanh")(inputs)
+    logits = keras.layers.Dense(3)(keras.layers.Flatten()(hidden))
+    model = keras.Model(inputs, logits)
+    x, y = random_batch((positions, width), batch, 3, seed=2)
+    assert_gram_close(
+        fast_gram_without_warnings(model, x, y),
+        single_example_gram(model, x, y),
+    )
+
+
+# Conv2D layers.
+
+
+def conv_model(input_shape, filters, kernel_size, **conv_options):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(filters, kernel_size, **conv_options)(inputs)
+    logits = keras.layers.Dense(3)(keras.layers.Flatten()(x))
+    return keras.Model(inputs, logits)
+
+
+def test_conv_pairwise_form_matches_loop():
+    """A 4 x 4 input and a 3 x 3 "valid" kernel leave 4 output positions,
+    where pairwise products over positions are the cheaper form."""
+    batch, channels, filters = 6, 8, 16
+    assert gram.linear_gram_form(batch, 4, 9 * channels, filters) == (
+        "pairwise"
+    )
+    model = conv_model(
+        (4, 4, channels), filters, 3, padding="valid", activation="relu"
+    )
+    x, y = random_batch((4, 4, channels), batch, 3, seed=3)
+    assert_gram_close(
+        fast_gram_without_warnings(model, x, y),
+        single_example_gram(model, x, y),
+    )
+
+
+@pytest.mark.parametrize(
+    "batch, conv_options",
+    [
+        (5, {"strides": 2, "padding": "same", "activation": "sigmoid"}),
+        (5, {"dilation_rate": 2, "padding": "same", "activation": "tanh"}),
+        (5, {"strides": (2, 1), "padding": "valid", "use_bias": False}),
+        # More examples than one grouped op takes: chunks, one of them
+        # padded with zero examples.
+        (21, {"strides": 1, "padding": "same", "activation": "relu"}),
+    ],
+    ids=["stride2_same", "dilated", "valid_uneven_strides", "chunked"],
+)
+def test_conv_materialised_form_matches_loop(batch, conv_options):
+    assert gram.linear_gram_form(batch, 9 * 9, 9 * 2, 4) == "materialised"
+    model = conv_model((9, 9, 2), 4, 3, **conv_options)
+    x, y = random_batch((9, 9, 2), batch, 3, seed=4)
+    assert_gram_close(
+        fast_gram_without_warnings(model, x, y),
+        single_example_gram(model, x, y),
+    )
+
+
+def test_conv_materialised_with_unknown_batch_matches_loop():
+    """Inside a compiled function the batch size is unknown, so the batch
+    is split into chunks at run time."""
+    model = conv_model((9, 9, 2), 4, 3, padding="same", activation="relu")
+    x, y = random_batch((9, 9, 2), 19, 3, seed=5)
+    compiled = tf.function(
+        lambda x, y: gram.gram_matrix(model, LOSS, x, y),
+        input_signature=[
+            tf.TensorSpec([None, 9, 9, 2]),
+            tf.TensorSpec([None], tf.int32),
+        ],
+    )
+    assert_gram_close(compiled(x, y), single_example_gram(model, x, y))
+
+
+def test_conv_kernel_gradients_sum_to_batch_gradient():
+    """The kernel gradients kept for the update are the sum over examples."""
+    layer = keras.layers.Conv2D(4, 3, strides=2, padding="same")
+    model = keras.Sequential([keras.Input((9, 9, 2)), layer])
+    x = tf.constant(np.random.default_rng(6).normal(size=(18, 9, 9, 2)),
+                    tf.float32)
+    output_gradient = tf.constant(
+        np.random.default_rng(7).normal(size=(18, 5, 5, 4)), tf.float32
+    )
+    _, calls = gram.traced_call(model, x)
+    _, kernel_gradients = gram.gram_and_kernel_gradients(
+        calls, [output_gradient]
+    )
+    with tf.GradientTape() as tape:
+        output = layer(x)
+    expected = tape.gradient(
+        output, layer.kernel, output_gradients=output_gradient
+    )
+    np.testing.assert_allclose(
+        kernel_gradients[id(layer.kernel)], expected, rtol=1e-4, atol=1e-4
+    )
+
+
+# BatchNormalization: the per-layer tape is the reference.
+
+
+def test_batch_norm_closed_form_matches_tape():
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.BatchNormalization(center=False)(x)
+    logits = keras.layers.Dense(3)(x)
+    model = keras.Model(inputs, logits)
+    x, y = random_batch((6, 6, 3), 7, 3, seed=8)
+    assert_gram_close(
+        fast_gram_without_warnings(model, x, y),
+        gram.gram_matrix(model, LOSS, x, y, method="tape"),
+    )
+
+
+# Layers without a closed form.
+
+
+def fallback_model():
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2)(inputs)
+    x = keras.layers.DepthwiseConv2D(2)(x)
+    x = keras.layers.Reshape((25, 4))(x)
+    x = keras.layers.Conv1D(3, 2, activation="relu")(x)
+    x = keras.layers.LayerNormalization()(x)
+    logits = keras.layers.Dense(3)(keras.layers.Flatten()(x))
+    return keras.Model(inputs, logits)
+
+
+def test_fallback_layers_match_loop_and_warn_once(monkeypatch):
+    monkeypatch.setattr(gram, "_warned_layer_classes", set())
+    model = fallback_model()
+    x, y = random_batch((8, 8, 2), 5, 3, seed=9)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = gram.gram_matrix(model, LOSS, x, y)
+        second = gram.gram_matrix(model, LOSS, x, y)
+
+    messages = [str(w.message) for w in caught]
+    for name in ("DepthwiseConv2D", "Conv1D", "LayerNormalization"):
+        naming = [m for m in messages if f"class {name} " in m]
+        assert len(naming) == 1, (name, messages)
+    assert len(messages) == 3, messages
+    expected = single_example_gram(model, x, y)
+    assert_gram_close(first, expected)
+    assert_gram_close(second, expected)
+
+
+# The package's models and a model built from standard Keras layers.
+
+
+def test_mlp_matches_loop(digits):
+    model = models.build_model("mlp", digits.input_shape, 10, seed=1)
+    x, y = digit_batch(digits, 6)
+    assert_gram_close(
+        fast_gram_without_warnings(model, x, y),
+        single_example_gram(model, x, y),
+    )
+
+
+@pytest.mark.parametrize(
+    "name, channels, batch",
+    [("resnet8", 1, 6), ("resnet8", 1, 18), ("densenet8", 1, 6),
+     ("resnet20", 3, 4)],
+)
+def test_package_model_with_batch_norm_matches_tape(
+    digits, name, channels, batch
+):
+    input_shape = digits.input_shape[:2] + (channels,)
+    model = models.build_model(name, input_shape, 10, seed=2)
+    x, y = digit_batch(digits, batch, channels)
+    assert_gram_close(
+        fast_gram_without_warnings(model, x, y),
+        gram.gram_matrix(model, LOSS, x, y, method="tape"),
+    )
+
+
+def user_model(seed=0):
+    """Standard Keras layers with activations inside Conv2D and Dense."""
+    initializer = keras.initializers.GlorotUniform(seed)
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(
+        6, 3, activation="relu", kernel_initializer=initializer
+    )(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(
+        8, 3, strides=2, padding="same", activation="tanh"
+    )(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(16, activation="sigmoid")(x)
+    logits = keras.layers.Dense(5)(x)
+    return keras.Model(inputs, logits)
+
+
+def test_user_model_matches_loop():
+    model = user_model()
+    x, y = random_batch((12, 12, 3), 20, 5, seed=10)
+    assert_gram_close(
+        fast_gram_without_warnings(model, x, y),
+        single_example_gram(model, x, y),
+    )
+
+
+# The training step.
+
+
+def one_step_update(model, x, y):
+    """Run one fit step on (x, y) and return the weight changes."""
+    before = [w.numpy() for w in model.trainable_weights]
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(y))
+    model.fit(dataset, epochs=1, verbose=0)
+    return [w.numpy() - b for w, b in zip(model.trainable_weights, before)]
+
+
+@pytest.mark.parametrize("regularised", [False, True])
+def test_probed_step_applies_plain_keras_update(regularised):
+    """A probed step takes the kernel gradients of materialised layers from
+    the probe; its update must still equal that of a plain Keras step. With
+    a kernel regulariser the probe's gradients would miss the penalty, so
+    the step keeps the backward pass's gradients."""
+
+    def network():
+        inputs = keras.Input((9, 9, 2))
+        x = keras.layers.Conv2D(
+            4, 3, padding="same", activation="relu",
+            kernel_regularizer="l2" if regularised else None,
+        )(inputs)
+        x = keras.layers.BatchNormalization()(x)
+        logits = keras.layers.Dense(3)(keras.layers.Flatten()(x))
+        return keras.Model(inputs, logits)
+
+    plain = network()
+    probed_network = network()
+    probed_network.set_weights(plain.get_weights())
+    probed = FisherModel(probed_network, fisher_interval=1)
+    for model in (plain, probed):
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    x, y = random_batch((9, 9, 2), 20, 3, seed=11)
+
+    expected = one_step_update(plain, x, y)
+    actual = one_step_update(probed, x, y)
+    assert np.isfinite(probed.read_probe_values()["trace"])
+    for change, reference in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(
+            change, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max()
+        )
+
+
+@pytest.mark.parametrize("build", [user_model, fallback_model])
+def test_probe_in_training_step_matches_loop(build, monkeypatch):
+    """The compiled probed step, with an unknown batch size, records the
+    spectrum of J Jᵀ from single-example gradients."""
+    monkeypatch.setattr(gram, "_warned_layer_classes", set())
+    network = build()
+    input_shape = network.input_shape[1:]
+    x, y = random_batch(input_shape, 19, network.output_shape[-1], seed=12)
+    expected = measures.spectrum_statistics(
+        tf.constant(single_example_gram(network, x, y))
+    )
+    model = FisherModel(network, fisher_interval=1)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one_step_update(model, x, y)
+    recorded = model.read_probe_values()
+    for key in ("trace", "lambda_max"):
+        assert recorded[key] == pytest.approx(float(expected[key]), rel=RTOL)
+    assert recorded["batch_size"] == 19

@@ -1,0 +1,567 @@
+"""Time the probed training step against a plain step and two slower routes.
+
+For each model and batch size the tool times, in one process and interleaved
+round robin so that machine noise hits all of them alike:
+
+* `plain`: the network alone, compiled by Keras, one `train_on_batch`,
+  which runs the compiled step that `fit` runs (Keras's own `train_step`)
+  and returns the loss and metrics to the host, as every variant does;
+* `unprobed`: a `tf_fisher.FisherModel` step that takes no probe;
+* `fast`: a `FisherModel` step that takes a probe (`fisher_interval=1`),
+  with the Gram matrix from the per-layer closed forms of `tf_fisher.gram`,
+  including the host read of the recorded values;
+* `whole_model`: the same probed step with the Gram matrix from a
+  whole-model `tf.vectorized_map` of per-example gradients
+  (`tf_fisher.gram.per_example_gradients`) and one float32 matmul;
+* `loop`: the same probed step with the Gram matrix from a compiled loop
+  that runs one forward and backward pass per example, as Liao, Drummond,
+  Reid and Carneiro ("Approximate Fisher Information Matrix to Characterise
+  the Training of Deep Neural Networks", IEEE TPAMI 2020) formed J.
+
+All variants share the optimizer (SGD, momentum 0.9, Nesterov), the loss
+(sparse categorical cross-entropy on logits) and the accuracy metric, and
+each has its own copy of the network, built with the same seed. Every step
+runs on the same batch of the embedded MNIST digits (32 x 32 x 1; copied to 3
+channels for the CIFAR-shaped ResNet-20). For networks with
+BatchNormalization the two reference routes run each example through BN
+alone, so they time the work of those routes, not the same numbers.
+
+Reported per model and batch size: the median wall time of a step for each
+variant, its ratio to `plain`, the median process CPU time, the peak memory
+of a step, and the epoch overhead of probing every N = `--interval` steps,
+(fast - plain) / (N plain). That formula takes a step without a probe to
+cost a plain step, because it runs the same ops. The `unprobed` ratio shows
+how close the two were in the run.
+
+Memory is the peak of the bytes in live tensors during one step minus the
+bytes held just before it, from the statistics of TensorFlow's CPU
+allocator (`tf.config.experimental.get_memory_info`; with oneDNN on, the
+default on x86, that allocator keeps them). It counts activations,
+gradients and temporaries, not the weights and optimizer slots held between
+steps, nor memory that TensorFlow's operations allocate outside tensors.
+The resident set size cannot show it, because the allocator keeps freed
+memory for reuse. It is measured on extra steps after the timed ones.
+
+Full run (the default models and batch sizes; about 8 minutes on 2 CPU
+cores of an AMD EPYC, more on a busy machine), from the repository root:
+
+    python -m tools.benchmark --output=/tmp/benchmark.json
+
+Smoke test (about 20 seconds):
+
+    python -m tools.benchmark --quick
+"""
+
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_fisher import data
+from tf_fisher import gram
+from tf_fisher import models
+from tf_fisher.model import FisherModel
+from tf_fisher.run import write_json_atomically
+
+# Input shape of each benchmarked model: the MNIST models take the padded
+# 32 x 32 digits of `tf_fisher.data`, ResNet-20 a CIFAR-shaped image.
+INPUT_SHAPES = {
+    "mlp": (32, 32, 1),
+    "resnet8": (32, 32, 1),
+    "densenet8": (32, 32, 1),
+    "resnet20": (32, 32, 3),
+}
+NUM_CLASSES = 10
+VARIANTS = ("plain", "unprobed", "fast", "whole_model", "loop")
+LEARNING_RATE = 0.01
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list(
+    "models", ["mlp", "resnet8", "resnet20"],
+    f"Models to time, from: {', '.join(INPUT_SHAPES)}.",
+)
+flags.DEFINE_list(
+    "batch_sizes", ["16", "32", "128", "512"],
+    "Batch sizes to time, in examples.",
+)
+flags.DEFINE_list(
+    "variants", list(VARIANTS),
+    f"Step variants to time, from: {', '.join(VARIANTS)}. `plain` is "
+    "always timed, because every ratio is to it.",
+)
+flags.DEFINE_integer("repeats", 10, "Timed steps per variant.", lower_bound=1)
+flags.DEFINE_integer(
+    "warmup", 2, "Untimed steps per variant before timing; the first one "
+    "traces and compiles the step.", lower_bound=1,
+)
+flags.DEFINE_integer(
+    "memory_repeats", 2, "Extra steps per variant that measure peak "
+    "memory; 0 skips the memory measurement.", lower_bound=0,
+)
+flags.DEFINE_integer(
+    "interval", 50, "Probe interval N for the epoch overhead.", lower_bound=1
+)
+flags.DEFINE_float(
+    "budget_seconds", 120.0, "Skip a variant at a batch size when its "
+    "warm-up and timed steps are estimated, from its step time at the "
+    "previous batch size scaled linearly, to take longer than this.",
+    lower_bound=0.0,
+)
+flags.DEFINE_string(
+    "output", None, "JSON file for the results, rewritten after each batch "
+    "size; none if unset.",
+)
+flags.DEFINE_boolean(
+    "quick", False, "Smoke test: mlp and resnet8 at batch size 16, 3 "
+    "repeats, 1 memory step. Overrides --models, --batch_sizes, --repeats "
+    "and --memory_repeats.",
+)
+flags.DEFINE_integer("seed", 0, "Seed of the network weights.")
+
+
+def _validate_list(values, allowed, name):
+    unknown = [value for value in values if value not in allowed]
+    if unknown or not values:
+        raise flags.ValidationError(
+            f"Invalid --{name}={','.join(values)}: expected a comma-separated "
+            f"list from {', '.join(allowed)}."
+        )
+    return True
+
+
+flags.register_validator(
+    "models", lambda values: _validate_list(values, INPUT_SHAPES, "models")
+)
+flags.register_validator(
+    "variants", lambda values: _validate_list(values, VARIANTS, "variants")
+)
+
+
+@flags.validator("batch_sizes")
+def _check_batch_sizes(values):
+    if not values or not all(v.isdigit() and int(v) > 0 for v in values):
+        raise flags.ValidationError(
+            f"Invalid --batch_sizes={','.join(values)}: expected positive "
+            "integers separated by commas, for example 16,32,128."
+        )
+    return True
+
+
+class _ReferenceFisherModel(FisherModel):
+    """`FisherModel` whose probe forms the Gram matrix by another route.
+
+    Args:
+        network: the network to train.
+        gram_function: `(network, loss, x, y) -> [batch, batch]` float64.
+        loss: the per-example loss given to `gram_function`.
+        **kwargs: passed to `FisherModel`.
+    """
+
+    def __init__(self, network, gram_function, loss, **kwargs):
+        super().__init__(network, **kwargs)
+        self._gram_function = gram_function
+        self._probe_loss = loss
+
+    def _gradients_and_gram(self, x, y, sample_weight):
+        with tf.GradientTape() as tape:
+            y_pred = self.network(x, training=True)
+            loss = self._tracked_loss(x, y, y_pred, sample_weight)
+        gradients = tape.gradient(loss, self.trainable_variables)
+        matrix = self._gram_function(self.network, self._probe_loss, x, y)
+        return y_pred, gradients, matrix
+
+
+def _rows_gram(jacobian):
+    """J Jᵀ in float32, returned as float64; J is `[batch, P]`.
+
+    A batch of one matrix product, the fastest form on CPU (see
+    `tf_fisher.gram`).
+    """
+    batched = jacobian[tf.newaxis]
+    products = tf.matmul(batched, batched, transpose_b=True)[0]
+    return tf.cast(products, tf.float64)
+
+
+def whole_model_gram(network, loss, x, y):
+    """Gram matrix from a whole-model `tf.vectorized_map`, `[batch, batch]`.
+
+    J, `[batch, P]`, is formed in float32 and multiplied in float32.
+    """
+    jacobian = gram.per_example_gradients(network, loss, x, y)
+    return _rows_gram(jacobian)
+
+
+def loop_gram(network, loss, x, y):
+    """Gram matrix from one forward and backward pass per example.
+
+    A compiled `tf.while_loop` writes the gradient of example i into row i
+    of J, `[batch, P]`, then J Jᵀ is one float32 matmul.
+    """
+    weights = network.trainable_weights
+    batch = tf.shape(x)[0]
+
+    def body(index, rows):
+        with tf.GradientTape() as tape:
+            y_pred = network(x[index : index + 1], training=True)
+            total = tf.reduce_sum(
+                gram.per_example_losses(loss, y[index : index + 1], y_pred)
+            )
+        gradients = tape.gradient(
+            total, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        row = tf.concat([tf.reshape(g, [-1]) for g in gradients], axis=0)
+        return index + 1, rows.write(index, row)
+
+    _, rows = tf.while_loop(
+        lambda index, _: index < batch,
+        body,
+        (tf.constant(0), tf.TensorArray(tf.float32, size=batch)),
+        parallel_iterations=1,
+    )
+    return _rows_gram(rows.stack())
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _compile(model):
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            LEARNING_RATE, momentum=0.9, nesterov=True
+        ),
+        loss=_loss(),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def build_variant(variant, model_name, seed):
+    """Build and compile the model that times `variant`."""
+    network = models.build_model(
+        model_name, INPUT_SHAPES[model_name], NUM_CLASSES, seed=seed
+    )
+    if variant == "plain":
+        return _compile(network)
+    if variant == "whole_model":
+        return _compile(_ReferenceFisherModel(
+            network, whole_model_gram, _loss(), fisher_interval=1
+        ))
+    if variant == "loop":
+        return _compile(_ReferenceFisherModel(
+            network, loop_gram, _loss(), fisher_interval=1
+        ))
+    model = _compile(FisherModel(network, fisher_interval=1))
+    if variant == "unprobed":
+        # Probes fall on steps 0, N, 2N, ... of an epoch, and
+        # `train_on_batch` never starts an epoch, so with the host counter
+        # past 0 and a huge N no step takes a probe.
+        model.fisher_interval = 2**62
+        model._probe.step_in_epoch = 1
+    return model
+
+
+def run_step(variant, model, x, y):
+    """Run one training step, and read the probe values as a callback does."""
+    model.train_on_batch(x, y)
+    if variant not in ("plain", "unprobed"):
+        model.read_probe_values()
+
+
+def timed_step(variant, model, x, y):
+    """Return the wall time and the process CPU time of one step, seconds."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    run_step(variant, model, x, y)
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def peak_step_memory_mb(variant, model, x, y):
+    """Peak tensor memory of one step over the memory held before it, in MB.
+
+    Read from the statistics of TensorFlow's CPU allocator, which counts the
+    bytes of live tensors. Returns None where the allocator keeps no
+    statistics.
+    """
+    try:
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    except (ValueError, tf.errors.OpError):
+        return None
+    run_step(variant, model, x, y)
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return (peak - before) / 2**20
+
+
+def batch_of_digits(model_name, batch_size, digits):
+    """Return the first `batch_size` training digits and labels as tensors."""
+    available = len(digits.train_images)
+    if batch_size > available:
+        raise ValueError(
+            f"Invalid batch size {batch_size}: the digits sample has only "
+            f"{available} training images. Use --batch_sizes of at most "
+            f"{available}."
+        )
+    images = digits.train_images[:batch_size].astype(np.float32)
+    channels = INPUT_SHAPES[model_name][-1]
+    if images.shape[-1] != channels:
+        images = np.repeat(images, channels, axis=-1)
+    labels = digits.train_labels[:batch_size].astype(np.int32)
+    return tf.constant(images), tf.constant(labels)
+
+
+def time_cell(model_name, batch_size, variants, previous, settings, digits):
+    """Time every variant at one batch size, interleaved round robin.
+
+    Args:
+        model_name: a key of `INPUT_SHAPES`.
+        batch_size: examples per step.
+        variants: variant names to time.
+        previous: dict variant -> (batch size, median seconds) of the last
+            batch size timed; updated in place.
+        settings: dict with repeats, warmup, memory_repeats, budget_seconds
+            and seed.
+        digits: the `tf_fisher.data.DatasetSplits` of the digits.
+
+    Returns:
+        Dict variant -> result dict (median_ms, times_ms, median_cpu_ms,
+        peak_memory_mb), or {"skipped": reason}.
+    """
+    x, y = batch_of_digits(model_name, batch_size, digits)
+    results, runners = {}, {}
+    for variant in variants:
+        reason = _over_budget(previous, variant, batch_size, settings)
+        if reason is not None:
+            results[variant] = {"skipped": reason}
+            logging.info(
+                "%s B=%d %s skipped: %s", model_name, batch_size, variant,
+                reason,
+            )
+            continue
+        runners[variant] = build_variant(variant, model_name, settings["seed"])
+
+    for variant, model in runners.items():
+        for _ in range(settings["warmup"]):
+            run_step(variant, model, x, y)
+    times, cpu_times = _time_round_robin(runners, x, y, settings["repeats"])
+    for variant, model in runners.items():
+        memory = [
+            peak_step_memory_mb(variant, model, x, y)
+            for _ in range(settings["memory_repeats"])
+        ]
+        memory = [value for value in memory if value is not None]
+        median = statistics.median(times[variant])
+        previous[variant] = (batch_size, median)
+        results[variant] = {
+            "median_ms": 1e3 * median,
+            "times_ms": [1e3 * t for t in times[variant]],
+            "median_cpu_ms": 1e3 * statistics.median(cpu_times[variant]),
+            "peak_memory_mb": max(memory) if memory else None,
+        }
+    del runners
+    keras.backend.clear_session()
+    gc.collect()
+    return results
+
+
+def _over_budget(previous, variant, batch_size, settings):
+    """Return why `variant` is skipped at `batch_size`, or None to run it.
+
+    The step time at the previous batch size, scaled linearly, estimates
+    the warm-up, timed and memory steps. `plain` always runs.
+    """
+    if variant == "plain" or variant not in previous:
+        return None
+    steps = (
+        settings["warmup"] + settings["repeats"] + settings["memory_repeats"]
+    )
+    previous_batch, previous_seconds = previous[variant]
+    estimate = previous_seconds * batch_size / previous_batch * steps
+    if estimate <= settings["budget_seconds"]:
+        return None
+    return (
+        f"estimated {estimate:.0f} s for {steps} steps, over the budget of "
+        f"{settings['budget_seconds']:.0f} s (--budget_seconds)"
+    )
+
+
+def _time_round_robin(runners, x, y, repeats):
+    """Return dicts variant -> wall times and variant -> CPU times, seconds.
+
+    Each round runs every variant once; the order rotates between rounds so
+    that no variant always runs first.
+    """
+    times = {variant: [] for variant in runners}
+    cpu_times = {variant: [] for variant in runners}
+    order = list(runners)
+    for repeat in range(repeats):
+        shift = repeat % len(order)
+        for variant in order[shift:] + order[:shift]:
+            wall, cpu = timed_step(variant, runners[variant], x, y)
+            times[variant].append(wall)
+            cpu_times[variant].append(cpu)
+    return times, cpu_times
+
+
+def summarise_cell(results, interval):
+    """Add ratios to `plain`, the loop speed-up and the epoch overhead."""
+    plain = results["plain"]["median_ms"]
+    plain_cpu = results["plain"]["median_cpu_ms"]
+    for result in results.values():
+        if "median_ms" in result:
+            result["ratio_to_plain"] = result["median_ms"] / plain
+            result["cpu_ratio_to_plain"] = result["median_cpu_ms"] / plain_cpu
+    summary = {"variants": results}
+    fast = results.get("fast", {}).get("median_ms")
+    loop = results.get("loop", {}).get("median_ms")
+    if fast is not None and loop is not None:
+        summary["loop_over_fast"] = loop / fast
+    if fast is not None:
+        # The steps without a probe run the same ops as `plain`; the
+        # `unprobed` timing is there to check that.
+        summary["epoch_overhead"] = (fast - plain) / (interval * plain)
+    return summary
+
+
+def cpu_model():
+    """Return the CPU model name from /proc/cpuinfo, or the platform's."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_description():
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "load_average_before": list(os.getloadavg()),
+    }
+
+
+def _time_column(variants, variant, with_ratio=True):
+    result = variants.get(variant)
+    if result is None:
+        return "-"
+    if "median_ms" not in result:
+        return "skipped"
+    if not with_ratio:
+        return f"{result['median_ms']:.1f}"
+    return f"{result['median_ms']:.1f} ({result['ratio_to_plain']:.2f}x)"
+
+
+def _memory_column(variants, variant):
+    value = variants.get(variant, {}).get("peak_memory_mb")
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _table_row(cell):
+    variants = cell["variants"]
+    speedup = cell.get("loop_over_fast")
+    overhead = cell.get("epoch_overhead")
+    memory = " / ".join(
+        _memory_column(variants, v) for v in VARIANTS if v != "unprobed"
+    )
+    columns = [
+        cell["model"],
+        str(cell["batch_size"]),
+        _time_column(variants, "plain", with_ratio=False),
+        _time_column(variants, "unprobed"),
+        _time_column(variants, "fast"),
+        _time_column(variants, "whole_model"),
+        _time_column(variants, "loop"),
+        "-" if speedup is None else f"{speedup:.1f}",
+        "-" if overhead is None else f"{100 * overhead:.2f}%",
+        memory,
+    ]
+    return "| " + " | ".join(columns) + " |"
+
+
+def format_table(report):
+    """Return the results as a Markdown table."""
+    interval = report["settings"]["interval"]
+    header = (
+        "| model | batch | plain ms | unprobed ms | fast ms | whole-model ms "
+        f"| loop ms | loop / fast | epoch overhead at N={interval} "
+        "| peak MB plain / fast / whole-model / loop |"
+    )
+    lines = [header, "|" + " --- |" * 10]
+    lines.extend(_table_row(cell) for cell in report["results"])
+    return "\n".join(lines)
+
+
+def _settings():
+    settings = {
+        "models": list(FLAGS.models),
+        "batch_sizes": sorted(int(b) for b in FLAGS.batch_sizes),
+        "variants": ["plain"] + [v for v in FLAGS.variants if v != "plain"],
+        "repeats": FLAGS.repeats,
+        "warmup": FLAGS.warmup,
+        "memory_repeats": FLAGS.memory_repeats,
+        "interval": FLAGS.interval,
+        "budget_seconds": FLAGS.budget_seconds,
+        "seed": FLAGS.seed,
+    }
+    if FLAGS.quick:
+        settings.update(
+            models=["mlp", "resnet8"], batch_sizes=[16], repeats=3,
+            memory_repeats=1,
+        )
+    return settings
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    settings = _settings()
+    report = {
+        "command": " ".join(["python -m tools.benchmark"] + sys.argv[1:]),
+        "machine": machine_description(),
+        "settings": settings,
+        "results": [],
+    }
+    digits = data.load_dataset("mnist5k")
+    # Fails before any timing when a batch size exceeds the digits.
+    batch_of_digits(settings["models"][0], max(settings["batch_sizes"]), digits)
+    for model_name in settings["models"]:
+        previous = {}
+        for batch_size in settings["batch_sizes"]:
+            logging.info("Timing %s at batch size %d", model_name, batch_size)
+            results = time_cell(
+                model_name, batch_size, settings["variants"], previous,
+                settings, digits,
+            )
+            cell = {"model": model_name, "batch_size": batch_size}
+            cell.update(summarise_cell(results, settings["interval"]))
+            report["results"].append(cell)
+            if FLAGS.output:
+                write_json_atomically(FLAGS.output, report)
+    report["machine"]["load_average_after"] = list(os.getloadavg())
+    if FLAGS.output:
+        write_json_atomically(FLAGS.output, report)
+    print(json.dumps(report, indent=2))
+    print(format_table(report))
+
+
+if __name__ == "__main__":
+    app.run(main)
