@@ -367,13 +367,7 @@ def _size_summary(configuration):
         for stage in summary["stages"]:
             count = stage["last_epoch"] - stage["first_epoch"] + 1
             sizes += [stage["batch_size"]] * count
-    runs = []
-    for size in sizes:
-        if runs and runs[-1][0] == size:
-            runs[-1][1] += 1
-        else:
-            runs.append([size, 1])
-    return " ".join(f"{size}x{count}" for size, count in runs)
+    return adaptive.format_size_runs(sizes, separator=" ")
 
 
 def write_table(rows, best, output_dir):

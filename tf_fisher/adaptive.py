@@ -256,7 +256,7 @@ def train_adaptive(config, policy, splits=None):
         "Run %s: %s in %.1f s, %d steps, batch sizes %s, test error %.2f%%",
         config.output_dir, summary["status"], summary["wall_seconds"],
         summary["measures"]["num_iterations"],
-        _size_runs(summary["batch_sizes"]),
+        format_size_runs(summary["batch_sizes"]),
         100 * summary["final"]["test_error"],
     )
     return summary
@@ -377,7 +377,7 @@ def _log_decision(decision):
     )
 
 
-def _size_runs(sizes):
+def format_size_runs(sizes, separator=", "):
     """Return run-length text, "32x3, 64x2" for [32, 32, 32, 64, 64]."""
     runs = []
     for size in sizes:
@@ -385,4 +385,4 @@ def _size_runs(sizes):
             runs[-1][1] += 1
         else:
             runs.append([size, 1])
-    return ", ".join(f"{size}x{count}" for size, count in runs)
+    return separator.join(f"{size}x{count}" for size, count in runs)
