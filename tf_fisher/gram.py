@@ -11,12 +11,12 @@ IEEE TPAMI 2020).
 F is a sum over layers, F = Σ_l J_lᵀ J_l, so it is accumulated one layer at a
 time and J is never held whole. One forward pass records every layer's input
 and output, and one backward pass returns the gradient arriving at every
-layer's output. From those two tensors each layer's block follows. With
-`GramTaps` (used by `gram_matrix` and by `tf_fisher.FisherModel`) each block
-is formed inside the backward pass, as soon as its gradient arrives, so the
-probe adds to the memory of a training step the B x B blocks and one layer's
-temporaries at a time (for a materialised convolution, its per-example
-gradients):
+layer's output. From those two tensors each layer's block follows.
+`GramTaps`, which `gram_matrix` and `tf_fisher.FisherModel` use, forms each
+block inside the backward pass as soon as its gradient arrives. So the probe
+adds to the memory of a training step only the B x B blocks and one layer's
+temporaries at a time, which for a materialised convolution are its
+per-example gradients. The blocks are:
 
 * `Dense` and `Conv2D` (no groups): the weight gradient of example i is
   Σ_t a_it ⊗ g_it over output positions t, with a the layer input (for a
@@ -931,8 +931,8 @@ def _after(tensor, call):
 
     Without the control dependency, ops of a block that do not need the
     output gradient, such as x - mean in BatchNormalization, may run as soon
-    as the forward pass has made their inputs, and their full-size results
-    then stay in memory until the gradient arrives. Measured on ResNet-20 at
+    as the forward pass has made their inputs. Their full-size results then
+    stay in memory until the gradient arrives. Measured on ResNet-20 at
     batch 128, that doubled the peak memory of the step.
     """
     with tf.control_dependencies([tensor]):
