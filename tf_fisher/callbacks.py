@@ -32,8 +32,9 @@ EPOCH_KEYS = (
 class AppendingCSV:
     """A CSV file that gets one row at a time and is flushed after each.
 
-    An existing file is appended to, so a run resumed in a new process keeps
-    its rows; the header is written only when the file is new or empty.
+    The first write of an instance replaces any existing file, so rerunning
+    a script never mixes old rows with new ones. Later writes append, also
+    after `close`, so one instance can serve several `fit` calls.
 
     Args:
         path: file to write.
@@ -45,6 +46,7 @@ class AppendingCSV:
         self.columns = tuple(columns)
         self._file = None
         self._writer = None
+        self._started = False
 
     def write(self, row):
         """Append `row` (a dict; missing columns are left empty), flush."""
@@ -57,13 +59,14 @@ class AppendingCSV:
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        is_new = not os.path.exists(self.path) or not os.path.getsize(self.path)
+        mode = "a" if self._started else "w"
         # Kept open across rows; closed by close().
-        self._file = open(self.path, "a", newline="")  # noqa: SIM115
+        self._file = open(self.path, mode, newline="")  # noqa: SIM115
         self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
-        if is_new:
+        if not self._started:
             self._writer.writeheader()
             self._file.flush()
+            self._started = True
 
     def close(self):
         if self._file is not None:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 
 import keras
@@ -85,7 +86,7 @@ class RunConfig:
     weight_decay: float = 1e-4
     gram_method: str = "fast"
     data_dir: str = None
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/run"
     stage_epochs: list = None
     verbose: int = 0
 
@@ -131,6 +132,51 @@ def _to_json(value):
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"Cannot write {type(value).__name__} as JSON")
+
+
+# What a run writes into its folder; `prepare_run_folder` checks for these.
+RUN_FILES = (
+    "config.json",
+    "samples.csv",
+    "epochs.csv",
+    "decisions.csv",
+    "summary.json",
+    "tensorboard",
+)
+
+
+def prepare_run_folder(output_dir, overwrite=False):
+    """Check that `output_dir` can take a new run, and clear old records.
+
+    Args:
+        output_dir: the run folder; it need not exist.
+        overwrite: delete the records of an earlier run found there.
+
+    Raises:
+        ValueError: if `output_dir` is a file, or holds an earlier run's
+            records and `overwrite` is False.
+    """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(
+            f"Invalid --output_dir={output_dir}: it is a file, not a folder. "
+            "Pass the path of a folder for the run."
+        )
+    existing = [
+        name for name in RUN_FILES
+        if os.path.exists(os.path.join(output_dir, name))
+    ]
+    if existing and not overwrite:
+        raise ValueError(
+            f"--output_dir={output_dir} already holds a run "
+            f"({', '.join(existing)}). Pass --overwrite to replace it, or "
+            "choose another --output_dir."
+        )
+    for name in existing:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def read_summary(output_dir):

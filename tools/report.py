@@ -306,6 +306,15 @@ class _GroupSection:
 
     def _figures(self):
         configs, group = self.configs, self.group
+        has_fixed = (
+            (configs["group"] == group) & (configs["kind"] == runs_lib.FIXED)
+        ).any()
+        if not has_fixed:
+            self.writer.text(
+                "No figures: they are drawn over fixed-batch runs, and this "
+                "group has none. Add fixed batch sizes to the study."
+            )
+            return
         self.writer.figure(
             "Final test error against batch size, one line per learning "
             "rate (top 5 starred)",

@@ -49,6 +49,7 @@ FINAL_KEYS = (
 FIXED = "fixed"
 DYNAMIC = "dynamic"
 MULTI_STEP = "multi-step"
+ADAPTIVE = "adaptive"
 
 
 def find_run_folders(root):
@@ -69,7 +70,11 @@ def find_run_folders(root):
 
 
 def schedule_kind(schedule, batch_sizes):
-    """Return FIXED, DYNAMIC or MULTI_STEP for a run's batch-size schedule."""
+    """Return FIXED, DYNAMIC, MULTI_STEP or ADAPTIVE for a run's batch-size
+    schedule. An adaptive run records only its first batch size in its
+    configuration, so its schedule name decides."""
+    if schedule.startswith("adaptive"):
+        return ADAPTIVE
     if len(set(batch_sizes)) <= 1:
         return FIXED
     if schedule.endswith("-MS"):

@@ -1,0 +1,100 @@
+"""Tests of run-folder handling: reruns, --overwrite, files, report kinds."""
+
+import csv
+import os
+
+from absl.testing import flagsaver
+
+from tests import report_test
+from tf_fisher import callbacks
+from tf_fisher import run
+from tf_fisher import train as train_cli
+from tools import report
+from tools import runs as runs_lib
+
+
+def read_rows(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def run_cli(*arguments):
+    with flagsaver.flagsaver():
+        train_cli.parse_flags(["train", *arguments])
+        return train_cli.main(["train"])
+
+
+def test_csv_first_write_replaces_file(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("old,header\n1,2\n")
+    table = callbacks.AppendingCSV(str(path), ("a", "b"))
+    table.write({"a": 1, "b": 2})
+    table.close()
+    table.write({"a": 3})
+    table.close()
+    rows = read_rows(path)
+    assert list(rows[0]) == ["a", "b"]
+    assert [row["a"] for row in rows] == ["1", "3"]
+    assert rows[1]["b"] == ""
+
+
+def test_rerun_into_run_folder_rejected(tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    arguments = (
+        f"--output_dir={output_dir}", "--epochs=1", "--batch_size=500",
+        "--fisher_interval=3",
+    )
+    assert run_cli(*arguments) == 0
+    first_epochs = read_rows(output_dir / "epochs.csv")
+    first_samples = read_rows(output_dir / "samples.csv")
+    capsys.readouterr()
+
+    assert run_cli(*arguments) == 2
+    error = capsys.readouterr().err
+    assert "already holds a run" in error
+    assert "--overwrite" in error
+    assert read_rows(output_dir / "epochs.csv") == first_epochs
+
+    assert run_cli(*arguments, "--overwrite") == 0
+    # 4,000 examples at batch 500: 8 steps, probed at steps 1, 4 and 7.
+    assert len(read_rows(output_dir / "epochs.csv")) == 1
+    assert len(first_samples) == 3
+    assert len(read_rows(output_dir / "samples.csv")) == 3
+    event_files = os.listdir(output_dir / "tensorboard" / "fisher")
+    assert len(event_files) == 1
+
+
+def test_output_dir_that_is_file_rejected(tmp_path, capsys):
+    path = tmp_path / "afile"
+    path.write_text("keep me")
+    assert run_cli(f"--output_dir={path}", "--epochs=1") == 2
+    error = capsys.readouterr().err
+    assert "is a file" in error
+    assert path.read_text() == "keep me"
+
+
+def test_prepare_run_folder_clears_records(tmp_path):
+    (tmp_path / "tensorboard" / "fisher").mkdir(parents=True)
+    (tmp_path / "samples.csv").write_text("step\n1\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    run.prepare_run_folder(str(tmp_path), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_adaptive_run_has_own_kind():
+    kind = runs_lib.schedule_kind("adaptive-norm_test", [32])
+    assert kind == runs_lib.ADAPTIVE
+    assert runs_lib.schedule_kind("s32", [32]) == runs_lib.FIXED
+
+
+def test_report_without_fixed_runs(tmp_path):
+    root = tmp_path / "sweep"
+    report_test.write_run(
+        str(root), "s32-to-512", (32, 64, 128, 256, 512), 0.1, 0,
+        (0.01, 0.05), 1000.0, 10.0,
+    )
+    path = report.write_report(str(root))
+    with open(path) as file:
+        text = file.read()
+    assert "has none" in text
+    assert "s32-to-512" in text
