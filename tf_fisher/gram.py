@@ -716,7 +716,9 @@ def check_traced_weights(model, calls):
             raise NotImplementedError(
                 f"Layer {call.layer.name!r} is called more than once in one "
                 "forward pass; per-example Gram blocks of shared layers are "
-                "not supported. Use `loop_gram_matrix` for such models."
+                "not supported, so FisherModel cannot probe this model. "
+                "Give each call its own layer, or measure single batches "
+                "with `tf_fisher.gram.loop_gram_matrix`."
             )
     covered = {id(w) for call in calls for w in call.layer.trainable_weights}
     missing = [

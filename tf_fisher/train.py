@@ -219,7 +219,10 @@ def _batch_schedule():
             f"{','.join(FLAGS.batch_sizes)}"
         )
     if FLAGS.schedule:
-        stages = schedules.parse_schedule(FLAGS.schedule, FLAGS.epochs)
+        try:
+            stages = schedules.parse_schedule(FLAGS.schedule, FLAGS.epochs)
+        except ValueError as error:
+            raise ValueError(f"--schedule={FLAGS.schedule}: {error}") from None
         return (
             [stage.batch_size for stage in stages],
             [[stage.first_epoch, stage.end_epoch] for stage in stages],
