@@ -51,7 +51,7 @@ def test_rerun_into_run_folder_rejected(tmp_path, capsys):
 
     assert run_cli(*arguments) == 2
     error = capsys.readouterr().err
-    assert "already holds a run" in error
+    assert "already contains a run" in error
     assert "--overwrite" in error
     assert read_rows(output_dir / "epochs.csv") == first_epochs
 

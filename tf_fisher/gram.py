@@ -987,7 +987,7 @@ def per_example_gradients(model, loss, x, y):
 
     Each example runs through the model alone, so this equals the per-example
     contributions only for models without cross-example layers (no
-    BatchNormalization in training mode). It holds all of J in memory.
+    BatchNormalization in training mode). It keeps all of J in memory.
     """
     weights = model.trainable_weights
 

@@ -134,7 +134,7 @@ def _to_json(value):
     raise TypeError(f"Cannot write {type(value).__name__} as JSON")
 
 
-# What a run writes into its folder; `prepare_run_folder` checks for these.
+# Files and folders that a run writes; `prepare_run_folder` looks for them.
 RUN_FILES = (
     "config.json",
     "samples.csv",
@@ -153,7 +153,7 @@ def prepare_run_folder(output_dir, overwrite=False):
         overwrite: delete the records of an earlier run found there.
 
     Raises:
-        ValueError: if `output_dir` is a file, or holds an earlier run's
+        ValueError: if `output_dir` is a file, or contains an earlier run's
             records and `overwrite` is False.
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -167,7 +167,7 @@ def prepare_run_folder(output_dir, overwrite=False):
     ]
     if existing and not overwrite:
         raise ValueError(
-            f"--output_dir={output_dir} already holds a run "
+            f"--output_dir={output_dir} already contains a run "
             f"({', '.join(existing)}). Pass --overwrite to replace it, or "
             "choose another --output_dir."
         )
