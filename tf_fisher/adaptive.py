@@ -263,13 +263,7 @@ def train_adaptive(config, policy, splits=None):
 
 
 def _fit_with_policy(model, config, splits, policy):
-    tensorboard_dir = os.path.join(config.output_dir, "tensorboard")
-    fisher = fisher_callbacks.FisherCallback(
-        config.output_dir, os.path.join(tensorboard_dir, "fisher")
-    )
-    recorder = run.EpochRecorder(
-        config.output_dir, config.epochs, fisher.running
-    )
+    fisher, recorder, tensorboard = run.make_recorders(config)
     adaptive = AdaptiveBatchSize(
         policy,
         config.batch_sizes[0],
@@ -285,7 +279,7 @@ def _fit_with_policy(model, config, splits, policy):
     callbacks = [
         schedules.StepDecay(config.learning_rate, config.epochs),
         _BatchSizeLogs(adaptive, recorder),
-        keras.callbacks.TensorBoard(tensorboard_dir, write_graph=False),
+        tensorboard,
         fisher,
         recorder,
         adaptive,
@@ -315,7 +309,7 @@ def _fit_with_policy(model, config, splits, policy):
             "Run %s diverged: %s. Its records so far are kept.",
             config.output_dir, fisher.diverged_at,
         )
-    summary = run._summary(config, recorder, fisher, segments)
+    summary = run.run_summary(config, recorder, fisher, segments)
     summary["schedule"] = config.schedule or f"adaptive-{policy.name}"
     summary["adaptive"] = policy.describe()
     summary["decisions"] = [decision.row() for decision in adaptive.decisions]

@@ -347,19 +347,35 @@ def train(config, splits=None, model_class=FisherModel):
     return summary
 
 
-def _fit_stages(model, config, splits, stages):
+def make_recorders(config):
+    """Create the callbacks that write a run's records into its folder.
+
+    Returns:
+        `(fisher, recorder, tensorboard)`: the `FisherCallback`, the
+        `EpochRecorder` that shares its running measures, and Keras'
+        TensorBoard callback. Place `tensorboard` before `fisher`, and
+        `fisher` before `recorder`, which reads the measures it adds.
+    """
     tensorboard_dir = os.path.join(config.output_dir, "tensorboard")
     fisher = fisher_callbacks.FisherCallback(
         config.output_dir, os.path.join(tensorboard_dir, "fisher")
     )
     recorder = EpochRecorder(config.output_dir, config.epochs, fisher.running)
+    tensorboard = keras.callbacks.TensorBoard(
+        tensorboard_dir, write_graph=False
+    )
+    return fisher, recorder, tensorboard
+
+
+def _fit_stages(model, config, splits, stages):
+    fisher, recorder, tensorboard = make_recorders(config)
     test_data = data.eval_pipeline(
         splits.test_images, splits.test_labels, batch_size=500
     )
     callbacks = [
         schedules.StepDecay(config.learning_rate, config.epochs),
         schedules.StageLogs(stages),
-        keras.callbacks.TensorBoard(tensorboard_dir, write_graph=False),
+        tensorboard,
         fisher,
         recorder,
     ]
@@ -402,10 +418,11 @@ def _fit_stages(model, config, splits, stages):
                 config.output_dir, fisher.diverged_at,
             )
             break
-    return _summary(config, recorder, fisher, stage_records)
+    return run_summary(config, recorder, fisher, stage_records)
 
 
-def _summary(config, recorder, fisher, stage_records):
+def run_summary(config, recorder, fisher, stage_records):
+    """Return the summary dict of a finished or diverged run."""
     final = recorder.rows[-1] if recorder.rows else {}
     return {
         "status": "diverged" if fisher.diverged_at else "completed",
