@@ -375,10 +375,10 @@ def _conv_patches(layer, inputs):
 
 
 # Examples per grouped filter-gradient op in `_conv_kernel_gradients`.
-# Measured on 2 CPU cores (AMD EPYC, TensorFlow 2.21 with oneDNN), chunks of
-# 16 ran 1.2 to 1.9 times faster than one op over a batch of 128 or 512 for
-# 32 x 32 and 16 x 16 feature maps of 16 and 32 channels. They ran up to 10%
-# slower for 8 x 8 x 64.
+# Measured on 2 CPU cores (AMD EPYC, TensorFlow 2.21 with oneDNN), batches of
+# 128 or 512 examples. For 32 x 32 and 16 x 16 feature maps of 16 and 32
+# channels, chunks of 16 ran 1.2 to 1.9 times faster than one op over the
+# batch. For 8 x 8 x 64 they ran up to 10% slower.
 _CONV_EXAMPLES_PER_OP = 16
 
 
