@@ -174,6 +174,32 @@ def test_conv_materialised_with_unknown_batch_matches_loop():
     assert_gram_close(compiled(x, y), single_example_gram(model, x, y))
 
 
+@pytest.mark.parametrize("rows", [255, 301, 512])
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_row_products_match_numpy(rows, static):
+    """M Mᵀ from one product (255 rows) and from upper row blocks (301 and
+    512 rows), with the rows known when traced or only at run time."""
+    matrix = np.random.default_rng(rows).normal(
+        size=(rows, gram._BLOCKED_PRODUCT_COLUMNS)
+    ).astype(np.float32)
+    signature = [tf.TensorSpec([rows if static else None, matrix.shape[1]])]
+    products = tf.function(gram._row_products, input_signature=signature)
+    expected = matrix.astype(np.float64) @ matrix.T.astype(np.float64)
+    assert_gram_close(products(tf.constant(matrix)), expected)
+
+
+def test_blocked_products_in_conv_block_match_loop(monkeypatch):
+    """A materialised conv block whose Gram comes from upper row blocks."""
+    monkeypatch.setattr(gram, "_BLOCKED_PRODUCT_ROWS", 4)
+    monkeypatch.setattr(gram, "_BLOCKED_PRODUCT_COLUMNS", 8)
+    model = conv_model((9, 9, 2), 4, 3, padding="same", activation="relu")
+    x, y = random_batch((9, 9, 2), 19, 3, seed=8)
+    assert_gram_close(
+        fast_gram_without_warnings(model, x, y),
+        single_example_gram(model, x, y),
+    )
+
+
 def test_conv_kernel_gradients_sum_to_batch_gradient():
     """The kernel gradients kept for the update are the sum over examples."""
     layer = keras.layers.Conv2D(4, 3, strides=2, padding="same")
