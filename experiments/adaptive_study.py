@@ -620,7 +620,6 @@ def main(argv):
         os.makedirs(FLAGS.output_dir, exist_ok=True)
         lines = run_study(settings, FLAGS.output_dir)
     except ValueError as error:
-        logging.error("%s", error)
         print(f"Error: {error}", file=sys.stderr)
         return 2
     for line in lines:

@@ -516,7 +516,6 @@ def main(argv, flag_values=flags.FLAGS):
             study, output_dir, flag_values.jobs, flag_values.threads_per_job
         )
     except ValueError as error:
-        logging.error("%s", error)
         print(f"Error: {error}", file=sys.stderr)
         return 2
     counts = {}

@@ -88,6 +88,10 @@ BAD_FLAGS = {
     "model": ["--model=nope"],
     "batch_size_above_data": ["--batch_size=5000"],
     "epochs": ["--epochs=0"],
+    "norm_test_theta": ["--norm_test_theta=1.5", "--adaptive=norm_test"],
+    "noise_scale_smoothing": [
+        "--noise_scale_smoothing=1.5", "--adaptive=noise_scale",
+    ],
 }
 
 

@@ -444,6 +444,16 @@ def _conv_patches(layer, inputs):
 _CONV_EXAMPLES_PER_OP = 16
 
 
+# `_conv_gram` forms per-example kernel gradients as products of input
+# patches and output gradients, instead of grouped filter-gradient ops, when
+# in_channels x filters >= _PATCH_PRODUCT_RATIO x output positions: small
+# feature maps with many channels. Measured on 2 CPU cores at batches of 32,
+# 128 and 512: for 8 x 8 x 64 -> 64 and for a stride-2 16 x 16 x 32 -> 64
+# the products ran 1.1 to 1.5 times faster than the grouped ops, and for
+# 16 x 16 x 32 -> 32 and 32 x 32 maps up to 2.5 times slower.
+_PATCH_PRODUCT_RATIO = 32
+
+
 def _conv_kernel_gradients(layer, inputs, gradient):
     """Per-example kernel gradients `[rows, kh, kw, in_channels, filters]`.
 
@@ -560,11 +570,15 @@ def _conv_gram(layer, inputs, output, output_gradient, kernel_gradients):
         return gram
     kernel_height, kernel_width = layer.kernel_size
     positions = gradient.shape[1] * gradient.shape[2]
-    d_in = kernel_height * kernel_width * inputs.shape[-1]
+    in_channels = inputs.shape[-1]
+    d_in = kernel_height * kernel_width * in_channels
     form = linear_gram_form(
         _static_batch(inputs), positions, d_in, gradient.shape[-1]
     )
-    if form == "materialised":
+    grouped = form == "materialised" and (
+        in_channels * layer.filters < _PATCH_PRODUCT_RATIO * positions
+    )
+    if grouped:
         per_example = _conv_kernel_gradients(layer, inputs, gradient)
         kernel_gradients[id(layer.kernel)] = _example_sum(per_example)
         # Padding rows are zero; cut their rows and columns off the block.
@@ -573,7 +587,13 @@ def _conv_gram(layer, inputs, output, output_gradient, kernel_gradients):
     patches = _conv_patches(layer, inputs)
     a = _with_static_positions(_as_positions(patches), patches)
     g = _with_static_positions(_as_positions(gradient), gradient)
-    return gram + _pairwise_gram(a, g)
+    if form == "pairwise":
+        return gram + _pairwise_gram(a, g)
+    per_example = tf.einsum("itd,ite->ide", a, g)
+    kernel_gradients[id(layer.kernel)] = tf.reshape(
+        _example_sum(per_example), layer.kernel.shape
+    )
+    return gram + _flat_gram(per_example)
 
 
 def _normalized_inputs(layer, inputs):

@@ -55,7 +55,7 @@ SPECTRUM_KEYS = (
 #       7.6 ms for a 512 x 512 float64 matrix, against 12.5 ms for
 #       `tf.linalg.eigvalsh`, and the same 0.65 ms at 128 x 128.
 #   "tensorflow": `tf.linalg.eigvalsh`, which runs on a GPU and under XLA.
-#   "auto": "lapack" when TensorFlow sees no GPU, else "tensorflow".
+#   "auto": "lapack" when TensorFlow lists no GPU device, else "tensorflow".
 EIGENVALUE_SOLVERS = ("auto", "lapack", "tensorflow")
 
 

@@ -175,6 +175,27 @@ def _check_batch_size(value):
     return value >= 1
 
 
+@flags.validator(
+    "norm_test_theta", "must be a number in (0, 1), for example 0.9"
+)
+def _check_norm_test_theta(value):
+    return 0 < value < 1
+
+
+@flags.validator(
+    "noise_scale_smoothing", "must be a number in [0, 1), for example 0.5"
+)
+def _check_noise_scale_smoothing(value):
+    return 0 <= value < 1
+
+
+@flags.validator(
+    "noise_scale_multiplier", "must be a positive number, for example 1.0"
+)
+def _check_noise_scale_multiplier(value):
+    return value > 0
+
+
 def config_from_flags():
     """Build a `RunConfig` from the parsed flags."""
     batch_sizes, stage_epochs, schedule = _batch_schedule()

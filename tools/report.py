@@ -433,7 +433,6 @@ def main(argv, flag_values=flags.FLAGS):
             flag_values.student,
         )
     except ValueError as error:
-        logging.error("%s", error)
         print(f"Error: {error}", file=sys.stderr)
         return 2
     print(path)

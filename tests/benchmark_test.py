@@ -1,0 +1,98 @@
+"""Tests of `tools.benchmark`: its reference routes, its sums and a real cell.
+
+Timings are never asserted; only what the tool computes from them is.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tf_fisher import gram
+from tools import benchmark
+
+
+def test_reference_routes_match_fast_gram(digits):
+    """The whole-model and loop routes, which the tool times against the
+    fast path, give the fast path's matrix on a network without
+    BatchNormalization."""
+    network = benchmark.build_variant("plain", "mlp", seed=0)
+    x, y = benchmark.batch_of_digits("mlp", 6, digits)
+    loss = benchmark._loss()
+    fast = gram.gram_matrix(network, loss, x, y).numpy()
+    for route in (benchmark.whole_model_gram, benchmark.loop_gram):
+        reference = route(network, loss, x, y).numpy()
+        np.testing.assert_allclose(
+            reference, fast, rtol=1e-4, atol=1e-4 * np.abs(fast).max()
+        )
+
+
+def test_summary_ratios_overhead_and_interval():
+    results = {
+        "plain": {"median_ms": 10.0, "median_cpu_ms": 20.0},
+        "fast": {"median_ms": 13.0, "median_cpu_ms": 30.0},
+        "loop": {"median_ms": 130.0, "median_cpu_ms": 200.0},
+        "whole_model": {"skipped": "over budget"},
+    }
+    summary = benchmark.summarise_cell(results, interval=50)
+    variants = summary["variants"]
+    assert variants["fast"]["ratio_to_plain"] == pytest.approx(1.3)
+    assert variants["fast"]["cpu_ratio_to_plain"] == pytest.approx(1.5)
+    assert "ratio_to_plain" not in variants["whole_model"]
+    assert summary["loop_over_fast"] == pytest.approx(10.0)
+    # (13 - 10) / (50 * 10).
+    assert summary["epoch_overhead"] == pytest.approx(0.006)
+    # 3 ms of probe over 0.02 * 10 ms per step: 15 steps.
+    assert summary["interval_for_target"] == 15
+    assert benchmark.summarise_cell(
+        results, interval=50, overhead_target=0.5
+    )["interval_for_target"] == 1
+
+
+def test_cell_times_every_variant_and_formats_a_row(digits):
+    settings = {
+        "repeats": 2, "warmup": 1, "memory_repeats": 1,
+        "budget_seconds": 60.0, "seed": 0, "interval": 50,
+        "overhead_target": 0.02,
+    }
+    results = benchmark.time_cell(
+        "mlp", 4, ["plain", "fast", "loop"], {}, settings, digits
+    )
+    assert set(results) == {"plain", "fast", "loop"}
+    for result in results.values():
+        assert len(result["times_ms"]) == 2
+        assert result["median_ms"] == pytest.approx(
+            float(np.median(result["times_ms"]))
+        )
+        assert result["median_ms"] > 0
+    cell = {"model": "mlp", "batch_size": 4}
+    cell.update(benchmark.summarise_cell(results, 50))
+    report = {"settings": settings, "results": [cell]}
+    json.dumps(report)
+    header, rule, row = benchmark.format_table(report).splitlines()
+    assert header.count("|") == rule.count("|") == row.count("|") == 12
+    columns = [column.strip() for column in row.strip("|").split("|")]
+    assert columns[:2] == ["mlp", "4"]
+    assert columns[3] == "-"  # unprobed was not timed
+    assert columns[9] == str(cell["interval_for_target"])
+    assert math.isfinite(cell["epoch_overhead"])
+
+
+def test_batch_larger_than_the_digits_is_rejected(digits):
+    too_many = len(digits.train_images) + 1
+    with pytest.raises(ValueError, match=f"Invalid batch size {too_many}"):
+        benchmark.batch_of_digits("mlp", too_many, digits)
+
+
+def test_over_budget_variant_is_skipped():
+    settings = {
+        "warmup": 1, "repeats": 9, "memory_repeats": 0,
+        "budget_seconds": 10.0,
+    }
+    previous = {"loop": (16, 0.5)}
+    # 0.5 s at batch 16 scales to 2 s at 64, times 10 steps: 20 s.
+    reason = benchmark._over_budget(previous, "loop", 64, settings)
+    assert reason is not None and "estimated 20 s" in reason
+    assert benchmark._over_budget(previous, "loop", 16, settings) is None
+    assert benchmark._over_budget(previous, "plain", 10**6, settings) is None
