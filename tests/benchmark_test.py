@@ -36,6 +36,15 @@ def test_summary_ratios_overhead_and_interval():
         "whole_model": {"skipped": "over budget"},
     }
     summary = benchmark.summarise_cell(results, interval=50)
+    with_next_step = benchmark.summarise_cell(
+        dict(results, unprobed={"median_ms": 10.5, "median_cpu_ms": 20.0},
+             after_probe={"median_ms": 12.5, "median_cpu_ms": 25.0}),
+        interval=50,
+    )
+    # The step after the probe adds 12.5 - 10.5 ms: (3 + 2) / (50 * 10).
+    assert with_next_step["after_probe_extra_ms"] == pytest.approx(2.0)
+    assert with_next_step["epoch_overhead"] == pytest.approx(0.01)
+    assert with_next_step["interval_for_target"] == 25
     variants = summary["variants"]
     assert variants["fast"]["ratio_to_plain"] == pytest.approx(1.3)
     assert variants["fast"]["cpu_ratio_to_plain"] == pytest.approx(1.5)
@@ -57,9 +66,12 @@ def test_cell_times_every_variant_and_formats_a_row(digits):
         "overhead_target": 0.02,
     }
     results = benchmark.time_cell(
-        "mlp", 4, ["plain", "fast", "loop"], {}, settings, digits
+        "mlp", 4, ["plain", "unprobed", "fast", "loop"], {}, settings, digits
     )
-    assert set(results) == {"plain", "fast", "loop"}
+    assert set(results) == {
+        "plain", "unprobed", "fast", "after_probe", "loop"
+    }
+    assert results["after_probe"]["peak_memory_mb"] is None
     for result in results.values():
         assert len(result["times_ms"]) == 2
         assert result["median_ms"] == pytest.approx(
@@ -71,11 +83,11 @@ def test_cell_times_every_variant_and_formats_a_row(digits):
     report = {"settings": settings, "results": [cell]}
     json.dumps(report)
     header, rule, row = benchmark.format_table(report).splitlines()
-    assert header.count("|") == rule.count("|") == row.count("|") == 12
+    assert header.count("|") == rule.count("|") == row.count("|") == 13
     columns = [column.strip() for column in row.strip("|").split("|")]
     assert columns[:2] == ["mlp", "4"]
-    assert columns[3] == "-"  # unprobed was not timed
-    assert columns[9] == str(cell["interval_for_target"])
+    assert columns[6] == "-"  # whole_model was not timed
+    assert columns[10] == str(cell["interval_for_target"])
     assert math.isfinite(cell["epoch_overhead"])
 
 

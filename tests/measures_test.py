@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import threadpoolctl
 from scipy import stats
 
 from tf_fisher import gram
@@ -129,6 +130,31 @@ def test_lapack_solver_in_compiled_function():
     )
     nan_matrix = tf.fill([4, 4], tf.constant(math.nan, tf.float64))
     assert math.isnan(float(compiled(nan_matrix)["lambda_max"]))
+
+
+def test_lapack_runs_on_one_blas_thread(monkeypatch):
+    """Two OpenBLAS threads left one spinning after the call, slowing the
+    next training step; the solver limits BLAS to one thread and restores
+    the count afterwards."""
+    controller = threadpoolctl.ThreadpoolController()
+    before = [pool["num_threads"] for pool in controller.info()]
+    seen = []
+    original = np.linalg.eigvalsh
+
+    def recording_eigvalsh(matrix):
+        seen.extend(
+            pool["num_threads"]
+            for pool in threadpoolctl.threadpool_info()
+            if pool["user_api"] == "blas"
+        )
+        return original(matrix)
+
+    monkeypatch.setattr(np.linalg, "eigvalsh", recording_eigvalsh)
+    matrix = gram_with_eigenvalues([2.0, 1.0], seed=6)
+    eigenvalues = measures.clamped_eigenvalues(matrix, "lapack").numpy()
+    np.testing.assert_allclose(eigenvalues, [1.0, 2.0], rtol=1e-12)
+    assert seen and set(seen) == {1}
+    assert [pool["num_threads"] for pool in controller.info()] == before
 
 
 def test_solver_names():

@@ -28,10 +28,12 @@ batch 128, c_k from the two matched to 1e-6 for every tolerance from 1e-9 to
 and is left out of C̄_K.
 """
 
+import functools
 import math
 
 import numpy as np
 import tensorflow as tf
+import threadpoolctl
 
 from tf_fisher import gradient_statistics
 
@@ -49,11 +51,12 @@ SPECTRUM_KEYS = (
 
 
 # How `clamped_eigenvalues` finds the eigenvalues of a Gram matrix.
-#   "lapack": NumPy's `eigvalsh` (LAPACK's divide and conquer, `syevd`),
-#       called from the compiled step through `tf.numpy_function`. On 2 CPU
-#       cores (AMD EPYC, TensorFlow 2.21, NumPy with OpenBLAS 0.3.31) it took
-#       7.6 ms for a 512 x 512 float64 matrix, against 12.5 ms for
-#       `tf.linalg.eigvalsh`, and the same 0.65 ms at 128 x 128.
+#   "lapack": NumPy's `eigvalsh` (LAPACK's divide and conquer, `syevd`) on
+#       one BLAS thread, called from the compiled step through
+#       `tf.numpy_function`. On an AMD EPYC core (TensorFlow 2.21, NumPy
+#       with OpenBLAS 0.3.31) it took 9.5 ms for a 512 x 512 float64
+#       matrix and 0.47 ms for 128 x 128, against 12.5 ms and 0.67 ms for
+#       `tf.linalg.eigvalsh`.
 #   "tensorflow": `tf.linalg.eigvalsh`, which runs on a GPU and under XLA.
 #   "auto": "lapack" when TensorFlow lists no GPU device, else "tensorflow".
 EIGENVALUE_SOLVERS = ("auto", "lapack", "tensorflow")
@@ -74,8 +77,22 @@ def resolve_eigenvalue_solver(solver):
     return "lapack"
 
 
+@functools.cache
+def _blas_threads():
+    return threadpoolctl.ThreadpoolController()
+
+
 def _lapack_eigenvalues(matrix):
-    return np.linalg.eigvalsh(matrix).astype(matrix.dtype, copy=False)
+    """Eigenvalues in ascending order from LAPACK, on one BLAS thread.
+
+    With two threads, OpenBLAS's worker thread keeps spinning after the
+    call and competes with TensorFlow for the cores. On 2 CPU cores that
+    made the ResNet-8 training step after each probe, at batch 128, take
+    98 ms instead of 64 ms.
+    """
+    with _blas_threads().limit(limits=1, user_api="blas"):
+        eigenvalues = np.linalg.eigvalsh(matrix)
+    return eigenvalues.astype(matrix.dtype, copy=False)
 
 
 def clamped_eigenvalues(gram, solver="auto"):

@@ -1,7 +1,8 @@
 """Time the probed training step against a plain step and two slower routes.
 
-For each model and batch size the tool times, in one process and interleaved
-round robin so that machine noise hits all of them alike:
+For each model and batch size the tool times, in one process and
+interleaved in rounds of shuffled order so that machine noise hits all of
+them alike:
 
 * `plain`: the network alone, compiled by Keras, one `train_on_batch`,
   which runs the compiled step that `fit` runs (Keras's own `train_step`)
@@ -27,12 +28,16 @@ BatchNormalization the two reference routes run each example through BN
 alone, so they time the work of those routes, not the same numbers.
 
 Reported per model and batch size: the median wall time of a step for each
-variant, its ratio to `plain`, the median process CPU time, the peak memory
-of a step, and the epoch overhead of probing every N = `--interval` steps,
-(fast - plain) / (N plain), with the smallest N that keeps it at most
-`--overhead_target`. That formula takes a step without a probe to cost a
-plain step, because it runs the same ops. The `unprobed` ratio shows how
-close the two were in the run.
+variant, its ratio to `plain`, the median process CPU time and the peak
+memory of a step. The `unprobed` model also takes one step right after
+each `fast` step, reported as the step after a probe. The epoch overhead
+of probing every N = `--interval` steps is
+((fast - plain) + (after probe - unprobed)) / (N plain): the probed step's
+extra time plus any slow-down it leaves to the next step, over N plain
+steps. The table also gives the smallest N that keeps the overhead at most
+`--overhead_target`. The formula takes the other steps to cost a plain
+step, because they run the same ops; the `unprobed` ratio shows how close
+the two were in the run.
 
 Memory is the peak of the bytes in live tensors during one step minus the
 bytes held just before it, from the statistics of TensorFlow's CPU
@@ -59,6 +64,7 @@ import logging as std_logging
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -402,19 +408,24 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
     for variant, model in runners.items():
         for _ in range(settings["warmup"]):
             run_step(variant, model, x, y)
-    times, cpu_times = _time_round_robin(runners, x, y, settings["repeats"])
-    for variant, model in runners.items():
-        memory = [
-            peak_step_memory_mb(variant, model, x, y)
-            for _ in range(settings["memory_repeats"])
-        ]
+    times, cpu_times = _time_rounds(
+        runners, x, y, settings["repeats"], settings["seed"]
+    )
+    for name in times:
+        memory = []
+        if name in runners:
+            memory = [
+                peak_step_memory_mb(name, runners[name], x, y)
+                for _ in range(settings["memory_repeats"])
+            ]
         memory = [value for value in memory if value is not None]
-        median = statistics.median(times[variant])
-        previous[variant] = (batch_size, median)
-        results[variant] = {
+        median = statistics.median(times[name])
+        if name in runners:
+            previous[name] = (batch_size, median)
+        results[name] = {
             "median_ms": 1e3 * median,
-            "times_ms": [1e3 * t for t in times[variant]],
-            "median_cpu_ms": 1e3 * statistics.median(cpu_times[variant]),
+            "times_ms": [1e3 * t for t in times[name]],
+            "median_cpu_ms": 1e3 * statistics.median(cpu_times[name]),
             "peak_memory_mb": max(memory) if memory else None,
         }
     del runners
@@ -444,21 +455,35 @@ def _over_budget(previous, variant, batch_size, settings):
     )
 
 
-def _time_round_robin(runners, x, y, repeats):
-    """Return dicts variant -> wall times and variant -> CPU times, seconds.
+def _time_rounds(runners, x, y, repeats, seed):
+    """Return dicts name -> wall times and name -> CPU times, in seconds.
 
-    Each round runs every variant once; the order rotates between rounds so
-    that no variant always runs first.
+    Each round runs every variant once, in an order shuffled anew for each
+    round, so that no variant always follows the same one. When both `fast`
+    and `unprobed` run, the `unprobed` model also takes one step right after
+    each `fast` step, timed under the name `after_probe`: in training, the
+    step after a probe is an ordinary step, and anything the probe leaves
+    behind (busy threads, evicted caches) shows there.
     """
-    times = {variant: [] for variant in runners}
-    cpu_times = {variant: [] for variant in runners}
-    order = list(runners)
-    for repeat in range(repeats):
-        shift = repeat % len(order)
-        for variant in order[shift:] + order[:shift]:
-            wall, cpu = timed_step(variant, runners[variant], x, y)
-            times[variant].append(wall)
-            cpu_times[variant].append(cpu)
+    names = list(runners)
+    if "fast" in runners and "unprobed" in runners:
+        names.append("after_probe")
+    times = {name: [] for name in names}
+    cpu_times = {name: [] for name in names}
+
+    def record(name, variant):
+        wall, cpu = timed_step(variant, runners[variant], x, y)
+        times[name].append(wall)
+        cpu_times[name].append(cpu)
+
+    shuffler = random.Random(seed)
+    for _ in range(repeats):
+        order = list(runners)
+        shuffler.shuffle(order)
+        for variant in order:
+            record(variant, variant)
+            if variant == "fast" and "after_probe" in times:
+                record("after_probe", "unprobed")
     return times, cpu_times
 
 
@@ -478,11 +503,18 @@ def summarise_cell(results, interval, overhead_target=0.02):
     if fast is not None and loop is not None:
         summary["loop_over_fast"] = loop / fast
     if fast is not None:
-        # The steps without a probe run the same ops as `plain`; the
-        # `unprobed` timing is there to check that.
-        summary["epoch_overhead"] = (fast - plain) / (interval * plain)
+        # What one probe adds to an epoch: its own step over a plain one,
+        # plus any slow-down of the step after it.
+        probe_cost = fast - plain
+        after_probe = results.get("after_probe", {}).get("median_ms")
+        unprobed = results.get("unprobed", {}).get("median_ms")
+        if after_probe is not None and unprobed is not None:
+            summary["after_probe_extra_ms"] = after_probe - unprobed
+            probe_cost += after_probe - unprobed
+        summary["probe_cost_ms"] = probe_cost
+        summary["epoch_overhead"] = probe_cost / (interval * plain)
         summary["interval_for_target"] = max(
-            1, math.ceil((fast - plain) / (overhead_target * plain))
+            1, math.ceil(probe_cost / (overhead_target * plain))
         )
     return summary
 
@@ -541,6 +573,7 @@ def _table_row(cell):
         _time_column(variants, "plain", with_ratio=False),
         _time_column(variants, "unprobed"),
         _time_column(variants, "fast"),
+        _time_column(variants, "after_probe"),
         _time_column(variants, "whole_model"),
         _time_column(variants, "loop"),
         "-" if speedup is None else f"{speedup:.1f}",
@@ -556,12 +589,13 @@ def format_table(report):
     interval = report["settings"]["interval"]
     target = report["settings"]["overhead_target"]
     header = (
-        "| model | batch | plain ms | unprobed ms | fast ms | whole-model ms "
+        "| model | batch | plain ms | unprobed ms | fast ms "
+        "| step after a probe ms | whole-model ms "
         f"| loop ms | loop / fast | epoch overhead at N={interval} "
         f"| N for overhead ≤ {100 * target:g}% "
         "| peak MB plain / fast / whole-model / loop |"
     )
-    lines = [header, "|" + " --- |" * 11]
+    lines = [header, "|" + " --- |" * 12]
     lines.extend(_table_row(cell) for cell in report["results"])
     return "\n".join(lines)
 
