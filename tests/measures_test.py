@@ -6,7 +6,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import threadpoolctl
 from scipy import stats
 
 from tf_fisher import gram
@@ -103,67 +102,6 @@ def test_negative_round_off_is_clamped():
         assert result["rank"] == 2
         assert result["lambda_min"] == pytest.approx(1.0, rel=1e-10)
         assert result["condition_number"] == pytest.approx(2.0, rel=1e-10)
-
-
-@pytest.mark.parametrize("size", [1, 7, 300])
-def test_eigenvalue_solvers_agree(size):
-    rng = np.random.default_rng(size)
-    jacobian = rng.normal(size=(size, max(size // 2, 1)))
-    matrix = tf.constant(jacobian @ jacobian.T, tf.float64)
-    lapack = measures.clamped_eigenvalues(matrix, "lapack").numpy()
-    tensorflow = measures.clamped_eigenvalues(matrix, "tensorflow").numpy()
-    expected = np.maximum(np.linalg.eigvalsh(jacobian @ jacobian.T), 0)
-    np.testing.assert_allclose(lapack, expected, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(tensorflow, expected, rtol=1e-9, atol=1e-9)
-
-
-def test_lapack_solver_in_compiled_function():
-    """The compiled probe step calls NumPy; the shape stays known."""
-    matrix = gram_with_eigenvalues([3.0, 2.0, 1.0, 0.0], seed=5)
-    compiled = tf.function(
-        lambda m: measures.spectrum_statistics(m, solver="lapack")
-    )
-    values = compiled(matrix)
-    assert float(values["rank"]) == 3
-    assert float(values["condition_number"]) == pytest.approx(
-        math.sqrt(3.0), rel=1e-9
-    )
-    nan_matrix = tf.fill([4, 4], tf.constant(math.nan, tf.float64))
-    assert math.isnan(float(compiled(nan_matrix)["lambda_max"]))
-
-
-def test_lapack_runs_on_one_blas_thread(monkeypatch):
-    """Two OpenBLAS threads left one spinning after the call, slowing the
-    next training step; the solver limits BLAS to one thread and restores
-    the count afterwards."""
-    controller = threadpoolctl.ThreadpoolController()
-    before = [pool["num_threads"] for pool in controller.info()]
-    seen = []
-    original = np.linalg.eigvalsh
-
-    def recording_eigvalsh(matrix):
-        seen.extend(
-            pool["num_threads"]
-            for pool in threadpoolctl.threadpool_info()
-            if pool["user_api"] == "blas"
-        )
-        return original(matrix)
-
-    monkeypatch.setattr(np.linalg, "eigvalsh", recording_eigvalsh)
-    matrix = gram_with_eigenvalues([2.0, 1.0], seed=6)
-    eigenvalues = measures.clamped_eigenvalues(matrix, "lapack").numpy()
-    np.testing.assert_allclose(eigenvalues, [1.0, 2.0], rtol=1e-12)
-    assert seen and set(seen) == {1}
-    assert [pool["num_threads"] for pool in controller.info()] == before
-
-
-def test_solver_names():
-    assert measures.resolve_eigenvalue_solver("auto") in (
-        "lapack", "tensorflow"
-    )
-    assert measures.resolve_eigenvalue_solver("lapack") == "lapack"
-    with pytest.raises(ValueError, match="eigenvalue_solver='eig'"):
-        measures.resolve_eigenvalue_solver("eig")
 
 
 def test_single_example_batch():

@@ -96,16 +96,12 @@ def test_probe_steps_restart_each_epoch(small_digits, interval):
     assert recorder.running.num_iterations == 18
 
 
-@pytest.mark.parametrize("solver", ["lapack", "tensorflow"])
-def test_probe_measures_batch_before_update(digits, solver):
+def test_probe_measures_batch_before_update(digits):
     images = digits.train_images[:16]
     labels = digits.train_labels[:16]
     network = conv_bn_network(images.shape[1:])
     saved = network.get_weights()
-    model = compiled(
-        network, learning_rate=0.5, fisher_interval=100,
-        eigenvalue_solver=solver,
-    )
+    model = compiled(network, learning_rate=0.5, fisher_interval=100)
     recorder = callbacks.FisherCallback()
     model.fit(
         unshuffled(images, labels, 16), epochs=1, callbacks=[recorder],
@@ -121,9 +117,7 @@ def test_probe_measures_batch_before_update(digits, solver):
     )
     expected = {
         key: float(value)
-        for key, value in measures.spectrum_statistics(
-            matrix, solver="tensorflow"
-        ).items()
+        for key, value in measures.spectrum_statistics(matrix).items()
     }
     row = recorder.samples[0]
     for key in ("lambda_max", "lambda_min", "trace", "condition_number"):
@@ -374,7 +368,6 @@ def test_callback_rejects_plain_keras_model(small_digits):
         ({"eigenvalue_tolerance": 1.0}, "eigenvalue_tolerance=1.0"),
         ({"weight_decay": -1e-4}, "weight_decay=-0.0001"),
         ({"gram_method": "exact"}, "gram_method='exact'"),
-        ({"eigenvalue_solver": "eig"}, "eigenvalue_solver='eig'"),
     ],
 )
 def test_fisher_model_rejects_bad_arguments(kwargs, pattern):

@@ -28,12 +28,9 @@ batch 128, c_k from the two matched to 1e-6 for every tolerance from 1e-9 to
 and is left out of C̄_K.
 """
 
-import functools
 import math
 
-import numpy as np
 import tensorflow as tf
-import threadpoolctl
 
 from tf_fisher import gradient_statistics
 
@@ -50,86 +47,36 @@ SPECTRUM_KEYS = (
 )
 
 
-# How `clamped_eigenvalues` finds the eigenvalues of a Gram matrix.
-#   "lapack": NumPy's `eigvalsh` (LAPACK's divide and conquer, `syevd`) on
-#       one BLAS thread, called from the compiled step through
-#       `tf.numpy_function`. On an AMD EPYC core (TensorFlow 2.21, NumPy
-#       with OpenBLAS 0.3.31) it took 9.5 ms for a 512 x 512 float64
-#       matrix and 0.47 ms for 128 x 128, against 12.5 ms and 0.67 ms for
-#       `tf.linalg.eigvalsh`.
-#   "tensorflow": `tf.linalg.eigvalsh`, which runs on a GPU and under XLA.
-#   "auto": "lapack" when TensorFlow lists no GPU device, else "tensorflow".
-EIGENVALUE_SOLVERS = ("auto", "lapack", "tensorflow")
-
-
-def resolve_eigenvalue_solver(solver):
-    """Return "lapack" or "tensorflow" for a name in `EIGENVALUE_SOLVERS`."""
-    if solver not in EIGENVALUE_SOLVERS:
-        raise ValueError(
-            "Invalid eigenvalue_solver: expected one of "
-            f"{', '.join(EIGENVALUE_SOLVERS)}. Received: "
-            f"eigenvalue_solver={solver!r}"
-        )
-    if solver != "auto":
-        return solver
-    if tf.config.list_logical_devices("GPU"):
-        return "tensorflow"
-    return "lapack"
-
-
-@functools.cache
-def _blas_threads():
-    return threadpoolctl.ThreadpoolController()
-
-
-def _lapack_eigenvalues(matrix):
-    """Eigenvalues in ascending order from LAPACK, on one BLAS thread.
-
-    With two threads, OpenBLAS's worker thread keeps spinning after the
-    call and competes with TensorFlow for the cores. On 2 CPU cores that
-    made the ResNet-8 training step after each probe, at batch 128, take
-    98 ms instead of 64 ms.
-    """
-    with _blas_threads().limit(limits=1, user_api="blas"):
-        eigenvalues = np.linalg.eigvalsh(matrix)
-    return eigenvalues.astype(matrix.dtype, copy=False)
-
-
-def clamped_eigenvalues(gram, solver="auto"):
+def clamped_eigenvalues(gram):
     """Eigenvalues of a symmetric `[batch, batch]` matrix, negatives set to 0.
-
-    Args:
-        gram: the matrix.
-        solver: a name in `EIGENVALUE_SOLVERS`.
 
     Returns:
         `[batch]` tensor in ascending order, in the dtype of `gram`. All NaN
-        when `gram` has a NaN or infinite entry (a diverged step), where an
-        eigenvalue solver would raise.
+        when `gram` has a NaN or infinite entry (a diverged step), where
+        `tf.linalg.eigvalsh` would raise.
     """
-    solver = resolve_eigenvalue_solver(solver)
     gram = 0.5 * (gram + tf.linalg.matrix_transpose(gram))
     finite = tf.reduce_all(tf.math.is_finite(gram))
     safe_gram = tf.where(finite, gram, tf.zeros_like(gram))
-    if solver == "lapack":
-        eigenvalues = tf.numpy_function(
-            _lapack_eigenvalues, [safe_gram], gram.dtype, stateful=False
-        )
-        eigenvalues = tf.ensure_shape(eigenvalues, gram.shape[:-1])
-    else:
-        eigenvalues = tf.linalg.eigvalsh(safe_gram)
+    # NOTE: NumPy's LAPACK (`syevd`, OpenBLAS) alone took 9.5 ms for a
+    # 512 x 512 float64 matrix on one AMD EPYC core, against 12.5 ms here.
+    # Called from the compiled step through `tf.numpy_function`, it saved
+    # nothing measurable in the MLP's probed step at batch 512 (22 ms
+    # either way) and added 0.5 ms at batch 128, so the eigenvalues stay in
+    # TensorFlow. With two OpenBLAS threads it also slowed the training step
+    # after each probe, because the idle worker thread kept spinning.
+    eigenvalues = tf.linalg.eigvalsh(safe_gram)
     eigenvalues = tf.maximum(eigenvalues, tf.zeros([], gram.dtype))
     return tf.where(finite, eigenvalues, tf.constant(math.nan, gram.dtype))
 
 
-def spectrum_statistics(gram, tolerance=DEFAULT_TOLERANCE, solver="auto"):
+def spectrum_statistics(gram, tolerance=DEFAULT_TOLERANCE):
     """Measure one Gram matrix.
 
     Args:
         gram: `[batch, batch]` symmetric positive semi-definite matrix.
         tolerance: an eigenvalue counts as nonzero when it is larger than
             `tolerance * lambda_max`; 0 keeps every positive eigenvalue.
-        solver: a name in `EIGENVALUE_SOLVERS`.
 
     NOTE: pass a float64 matrix, as `tf_fisher.gram` builds it. A float32
     matrix carries round-off near 1e-7 · lambda_max in its eigenvalues, far
@@ -142,7 +89,7 @@ def spectrum_statistics(gram, tolerance=DEFAULT_TOLERANCE, solver="auto"):
         Σ_i ‖g_i‖², and c_k = sqrt(lambda_max / lambda_min) (NaN when no
         eigenvalue is nonzero).
     """
-    eigenvalues = clamped_eigenvalues(gram, solver)
+    eigenvalues = clamped_eigenvalues(gram)
     lambda_max = tf.reduce_max(eigenvalues)
     threshold = tf.cast(tolerance, gram.dtype) * lambda_max
     nonzero = eigenvalues > threshold
@@ -243,7 +190,7 @@ PROBE_KEYS = (
 )
 
 
-def probe_statistics(gram, tolerance=DEFAULT_TOLERANCE, solver="auto"):
+def probe_statistics(gram, tolerance=DEFAULT_TOLERANCE):
     """Measure one probed batch: its size, `spectrum_statistics` and
     `tf_fisher.gradient_statistics.gradient_statistics`.
 
@@ -252,6 +199,6 @@ def probe_statistics(gram, tolerance=DEFAULT_TOLERANCE, solver="auto"):
         statistics are float64, the others in the dtype of `gram`.
     """
     statistics = {"batch_size": tf.cast(tf.shape(gram)[0], gram.dtype)}
-    statistics.update(spectrum_statistics(gram, tolerance, solver))
+    statistics.update(spectrum_statistics(gram, tolerance))
     statistics.update(gradient_statistics.gradient_statistics(gram))
     return statistics

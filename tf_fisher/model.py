@@ -91,9 +91,6 @@ class FisherModel(keras.Model):
             weights.
         gram_method: "fast" (closed-form blocks for Dense, Conv2D,
             BatchNormalization) or "tape" (per-layer per-example tape).
-        eigenvalue_solver: "auto", "lapack" or "tensorflow"; see
-            `tf_fisher.measures.EIGENVALUE_SOLVERS`. With `jit_compile=True`
-            the probe uses "tensorflow", because XLA cannot call NumPy.
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -121,7 +118,6 @@ class FisherModel(keras.Model):
         eigenvalue_tolerance=measures.DEFAULT_TOLERANCE,
         weight_decay=0.0,
         gram_method="fast",
-        eigenvalue_solver="auto",
         **kwargs,
     ):
         kwargs.setdefault("name", f"fisher_{model.name}")
@@ -143,9 +139,6 @@ class FisherModel(keras.Model):
                 "Invalid gram_method: expected 'fast' or 'tape'. "
                 f"Received: gram_method={gram_method!r}"
             )
-        self.eigenvalue_solver = measures.resolve_eigenvalue_solver(
-            eigenvalue_solver
-        )
         self.network = model
         self.fisher_interval = int(fisher_interval)
         self.eigenvalue_tolerance = float(eigenvalue_tolerance)
@@ -242,9 +235,8 @@ class FisherModel(keras.Model):
         y_pred, weight_gradients, matrix = self._gradients_and_gram(
             x, y, sample_weight
         )
-        solver = "tensorflow" if self.jit_compile else self.eigenvalue_solver
         statistics = measures.probe_statistics(
-            matrix, self.eigenvalue_tolerance, solver
+            matrix, self.eigenvalue_tolerance
         )
         self._probe.assign(statistics)
         self._apply_gradients(weight_gradients, weights)
