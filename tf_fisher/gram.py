@@ -276,7 +276,8 @@ def _blocked_row_products(matrix):
     with oneDNN) this ran 1.25 to 1.5 times faster than one product for 256
     and 512 rows and 9,000 to 37,000 columns. With 128 rows, or with 512
     rows of 1,000 to 2,300 columns, it ran up to 10% slower, and slower
-    still inside the MLP's training step.
+    still inside the MLP's training step. In ResNet-20's probed step at
+    batch 512 it cut the ratio to a plain step from 1.93 to 1.84.
     """
     rows = tf.shape(matrix)[0]
     size = -(-rows // _ROW_BLOCKS)
@@ -311,17 +312,6 @@ def _row_products(matrix):
         lambda: _blocked_row_products(matrix),
         lambda: _batched_product(matrix, matrix),
     )
-
-
-def _example_sum(per_example):
-    """Σ_i of per-example tensors `[batch, ...]`, as a product with ones.
-
-    For 128 and 512 rows of 2,000 to 37,000 columns this ran 1.4 to 2.6
-    times faster than `tf.reduce_sum(..., axis=0)` on 2 CPU cores.
-    """
-    flat = tf.reshape(per_example, [tf.shape(per_example)[0], -1])
-    ones = tf.ones([1, tf.shape(flat)[0]], flat.dtype)
-    return tf.reshape(tf.matmul(ones, flat), per_example.shape[1:])
 
 
 def _pairwise_gram(inputs, gradients):
@@ -371,7 +361,7 @@ def _linear_block(inputs, gradients):
     if form == "pairwise":
         return _pairwise_gram(inputs, gradients), None
     per_example = tf.einsum("itd,ite->ide", inputs, gradients)
-    return _flat_gram(per_example), _example_sum(per_example)
+    return _flat_gram(per_example), tf.reduce_sum(per_example, axis=0)
 
 
 def _as_positions(tensor):
@@ -450,7 +440,9 @@ _CONV_EXAMPLES_PER_OP = 16
 # feature maps with many channels. Measured on 2 CPU cores at batches of 32,
 # 128 and 512: for 8 x 8 x 64 -> 64 and for a stride-2 16 x 16 x 32 -> 64
 # the products ran 1.1 to 1.5 times faster than the grouped ops, and for
-# 16 x 16 x 32 -> 32 and 32 x 32 maps up to 2.5 times slower.
+# 16 x 16 x 32 -> 32 and 32 x 32 maps up to 2.5 times slower. In ResNet-8's
+# probed step at batch 128 they cut the CPU time from 1.56 to 1.52 times a
+# plain step's.
 _PATCH_PRODUCT_RATIO = 32
 
 
@@ -580,7 +572,7 @@ def _conv_gram(layer, inputs, output, output_gradient, kernel_gradients):
     )
     if grouped:
         per_example = _conv_kernel_gradients(layer, inputs, gradient)
-        kernel_gradients[id(layer.kernel)] = _example_sum(per_example)
+        kernel_gradients[id(layer.kernel)] = tf.reduce_sum(per_example, axis=0)
         # Padding rows are zero; cut their rows and columns off the block.
         batch = tf.shape(inputs)[0]
         return gram + _flat_gram(per_example)[:batch, :batch]
@@ -591,7 +583,7 @@ def _conv_gram(layer, inputs, output, output_gradient, kernel_gradients):
         return gram + _pairwise_gram(a, g)
     per_example = tf.einsum("itd,ite->ide", a, g)
     kernel_gradients[id(layer.kernel)] = tf.reshape(
-        _example_sum(per_example), layer.kernel.shape
+        tf.reduce_sum(per_example, axis=0), layer.kernel.shape
     )
     return gram + _flat_gram(per_example)
 
