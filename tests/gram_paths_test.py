@@ -120,6 +120,21 @@ def conv_model(input_shape, filters, kernel_size, **conv_options):
     return keras.Model(inputs, logits)
 
 
+# Input shapes and filters for which `_conv_gram` forms per-example kernel
+# gradients with grouped filter-gradient ops, and with patch products.
+CONV_ROUTES = {
+    "grouped": ((9, 9, 2), 4),
+    "patches": ((4, 4, 32), 64),
+}
+
+
+def conv_route(input_shape, filters):
+    positions = input_shape[0] * input_shape[1]
+    if input_shape[-1] * filters >= gram._PATCH_PRODUCT_RATIO * positions:
+        return "patches"
+    return "grouped"
+
+
 def test_conv_pairwise_form_matches_loop():
     """A 4 x 4 input and a 3 x 3 "valid" kernel leave 4 output positions,
     where pairwise products over positions are the cheaper form."""
@@ -188,26 +203,47 @@ def test_row_products_match_numpy(rows, static):
     assert_gram_close(products(tf.constant(matrix)), expected)
 
 
-def test_blocked_products_in_conv_block_match_loop(monkeypatch):
-    """A materialised conv block whose Gram comes from upper row blocks."""
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_blocked_products_in_conv_block_match_loop(monkeypatch, static):
+    """A materialised conv block whose Gram comes from upper row blocks,
+    also inside a function compiled for any batch size, as `fit` compiles
+    the training step."""
     monkeypatch.setattr(gram, "_BLOCKED_PRODUCT_ROWS", 4)
     monkeypatch.setattr(gram, "_BLOCKED_PRODUCT_COLUMNS", 8)
+    blocked_calls = []
+    blocked = gram._blocked_row_products
+
+    def counting_blocked(matrix):
+        blocked_calls.append(matrix.shape)
+        return blocked(matrix)
+
+    monkeypatch.setattr(gram, "_blocked_row_products", counting_blocked)
     model = conv_model((9, 9, 2), 4, 3, padding="same", activation="relu")
     x, y = random_batch((9, 9, 2), 19, 3, seed=8)
-    assert_gram_close(
-        fast_gram_without_warnings(model, x, y),
-        single_example_gram(model, x, y),
+    batch = 19 if static else None
+    compiled = tf.function(
+        lambda x, y: gram.gram_matrix(model, LOSS, x, y),
+        input_signature=[
+            tf.TensorSpec([batch, 9, 9, 2]),
+            tf.TensorSpec([batch], tf.int32),
+        ],
     )
+    assert_gram_close(compiled(x, y), single_example_gram(model, x, y))
+    # The conv kernel's per-example gradients have 3 * 3 * 2 * 4 entries.
+    assert [shape[1] for shape in blocked_calls].count(72) == 1
 
 
-def test_conv_kernel_gradients_sum_to_batch_gradient():
+@pytest.mark.parametrize("route", sorted(CONV_ROUTES))
+def test_conv_kernel_gradients_sum_to_batch_gradient(route):
     """The kernel gradients kept for the update are the sum over examples."""
-    layer = keras.layers.Conv2D(4, 3, strides=2, padding="same")
-    model = keras.Sequential([keras.Input((9, 9, 2)), layer])
-    x = tf.constant(np.random.default_rng(6).normal(size=(18, 9, 9, 2)),
-                    tf.float32)
+    input_shape, filters = CONV_ROUTES[route]
+    assert conv_route(input_shape, filters) == route
+    layer = keras.layers.Conv2D(filters, 3, padding="same")
+    model = keras.Sequential([keras.Input(input_shape), layer])
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=(18, *input_shape)), tf.float32)
     output_gradient = tf.constant(
-        np.random.default_rng(7).normal(size=(18, 5, 5, 4)), tf.float32
+        rng.normal(size=(18, *input_shape[:2], filters)), tf.float32
     )
     _, calls = gram.traced_call(model, x)
     _, kernel_gradients = gram.gram_and_kernel_gradients(
@@ -221,6 +257,24 @@ def test_conv_kernel_gradients_sum_to_batch_gradient():
     np.testing.assert_allclose(
         kernel_gradients[id(layer.kernel)], expected, rtol=1e-4, atol=1e-4
     )
+
+
+def test_conv_on_maps_of_any_size_matches_loop():
+    """A fully convolutional network compiled for any height and width:
+    the output positions are unknown when the step is traced."""
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(4)(x))
+    x, y = random_batch((10, 10, 3), 5, 4, seed=12)
+    compiled = tf.function(
+        lambda x, y: gram.gram_matrix(model, LOSS, x, y),
+        input_signature=[
+            tf.TensorSpec([None, None, None, 3]),
+            tf.TensorSpec([None], tf.int32),
+        ],
+    )
+    assert_gram_close(compiled(x, y), single_example_gram(model, x, y))
 
 
 # BatchNormalization: the per-layer tape is the reference.
@@ -342,17 +396,20 @@ def one_step_update(model, x, y):
     return [w.numpy() - b for w, b in zip(model.trainable_weights, before)]
 
 
+@pytest.mark.parametrize("route", sorted(CONV_ROUTES))
 @pytest.mark.parametrize("regularised", [False, True])
-def test_probed_step_applies_plain_keras_update(regularised):
+def test_probed_step_applies_plain_keras_update(route, regularised):
     """A probed step takes the kernel gradients of materialised layers from
     the probe; its update must still equal that of a plain Keras step. With
     a kernel regulariser the probe's gradients would miss the penalty, so
     the step keeps the backward pass's gradients."""
+    input_shape, filters = CONV_ROUTES[route]
+    assert conv_route(input_shape, filters) == route
 
     def network():
-        inputs = keras.Input((9, 9, 2))
+        inputs = keras.Input(input_shape)
         x = keras.layers.Conv2D(
-            4, 3, padding="same", activation="relu",
+            filters, 3, padding="same", activation="relu",
             kernel_regularizer="l2" if regularised else None,
         )(inputs)
         x = keras.layers.BatchNormalization()(x)
@@ -365,7 +422,7 @@ def test_probed_step_applies_plain_keras_update(regularised):
     probed = FisherModel(probed_network, fisher_interval=1)
     for model in (plain, probed):
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
-    x, y = random_batch((9, 9, 2), 20, 3, seed=11)
+    x, y = random_batch(input_shape, 20, 3, seed=11)
 
     expected = one_step_update(plain, x, y)
     actual = one_step_update(probed, x, y)

@@ -326,9 +326,16 @@ def _pairwise_gram(inputs, gradients):
 
 
 def _flat_gram(per_example):
-    """Gram matrix `[batch, batch]` of per-example tensors `[batch, ...]`."""
+    """Gram matrix `[batch, batch]` of per-example tensors `[batch, ...]`.
+
+    The row length stays static when the per-example shape is known, even
+    if the batch size is not, so that `_row_products` can choose its form
+    inside a step compiled for any batch size.
+    """
+    trailing = per_example.shape[1:]
+    columns = -1 if None in trailing else math.prod(trailing)
     return _row_products(
-        tf.reshape(per_example, [tf.shape(per_example)[0], -1])
+        tf.reshape(per_example, [tf.shape(per_example)[0], columns])
     )
 
 
@@ -561,15 +568,19 @@ def _conv_gram(layer, inputs, output, output_gradient, kernel_gradients):
     if not layer.kernel.trainable:
         return gram
     kernel_height, kernel_width = layer.kernel_size
-    positions = gradient.shape[1] * gradient.shape[2]
     in_channels = inputs.shape[-1]
-    d_in = kernel_height * kernel_width * in_channels
-    form = linear_gram_form(
-        _static_batch(inputs), positions, d_in, gradient.shape[-1]
-    )
-    grouped = form == "materialised" and (
-        in_channels * layer.filters < _PATCH_PRODUCT_RATIO * positions
-    )
+    if None in gradient.shape[1:3]:
+        # Feature maps of any size: the grouped ops take dynamic shapes.
+        form, grouped = "materialised", True
+    else:
+        positions = gradient.shape[1] * gradient.shape[2]
+        d_in = kernel_height * kernel_width * in_channels
+        form = linear_gram_form(
+            _static_batch(inputs), positions, d_in, gradient.shape[-1]
+        )
+        grouped = form == "materialised" and (
+            in_channels * layer.filters < _PATCH_PRODUCT_RATIO * positions
+        )
     if grouped:
         per_example = _conv_kernel_gradients(layer, inputs, gradient)
         kernel_gradients[id(layer.kernel)] = tf.reduce_sum(per_example, axis=0)
