@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from absl import flags
 
 from tf_fisher import gram
 from tools import benchmark
@@ -105,6 +106,41 @@ def test_over_budget_variant_is_skipped():
     previous = {"loop": (16, 0.5)}
     # 0.5 s at batch 16 scales to 2 s at 64, times 10 steps: 20 s.
     reason = benchmark._over_budget(previous, "loop", 64, settings)
-    assert reason is not None and "estimated 20 s" in reason
+    assert reason is not None
+    assert "estimated 20 s" in reason
     assert benchmark._over_budget(previous, "loop", 16, settings) is None
     assert benchmark._over_budget(previous, "plain", 10**6, settings) is None
+
+
+def test_unprobed_is_timed_with_fast():
+    """The epoch overhead needs the step after a probe, which the
+    `unprobed` model takes."""
+    assert benchmark._variants_to_time(["fast"]) == [
+        "plain", "unprobed", "fast"
+    ]
+    assert benchmark._variants_to_time(["loop", "plain"]) == ["plain", "loop"]
+
+
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        ("--models=foo", "expected a comma-separated list from mlp"),
+        ("--variants=fast,exact", "--variants=fast,exact"),
+        ("--batch_sizes=16,abc", "expected positive integers"),
+        ("--batch_sizes=0", "--batch_sizes=0"),
+        ("--overhead_target=0", "must be a fraction in \\(0, 1\\)"),
+        ("--overhead_target=2", "must be a fraction in \\(0, 1\\)"),
+        ("--repeats=0", "--repeats"),
+    ],
+)
+def test_bad_flags_are_rejected(argument, message):
+    flag_values = benchmark.define_flags(flags.FlagValues())
+    with pytest.raises(flags.IllegalFlagValueError, match=message):
+        flag_values(["benchmark", argument])
+
+
+def test_good_flags_parse():
+    flag_values = benchmark.define_flags(flags.FlagValues())
+    flag_values(["benchmark", "--batch_sizes=32,16,32", "--overhead_target=0.05"])
+    assert flag_values.batch_sizes == ["32", "16", "32"]
+    assert flag_values.overhead_target == pytest.approx(0.05)

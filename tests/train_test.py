@@ -92,6 +92,9 @@ BAD_FLAGS = {
     "noise_scale_smoothing": [
         "--noise_scale_smoothing=1.5", "--adaptive=noise_scale",
     ],
+    "noise_scale_multiplier": [
+        "--noise_scale_multiplier=inf", "--adaptive=noise_scale",
+    ],
 }
 
 

@@ -18,6 +18,7 @@ interrupted. Examples:
 """
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -190,10 +191,11 @@ def _check_noise_scale_smoothing(value):
 
 
 @flags.validator(
-    "noise_scale_multiplier", "must be a positive number, for example 1.0"
+    "noise_scale_multiplier",
+    "must be a positive finite number, for example 1.0",
 )
 def _check_noise_scale_multiplier(value):
-    return value > 0
+    return 0 < value < math.inf
 
 
 def config_from_flags():

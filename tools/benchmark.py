@@ -111,6 +111,8 @@ class _DropExpectedWarnings(std_logging.Filter):
     def filter(self, record):
         message = record.getMessage()
         return not any(part in message for part in _EXPECTED_WARNINGS)
+
+
 LEARNING_RATE = 0.01
 
 FLAGS = flags.FLAGS
@@ -153,7 +155,8 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_list(
         "variants", list(VARIANTS),
         f"Step variants to time, from: {', '.join(VARIANTS)}. `plain` is "
-        "always timed, because every ratio is to it.",
+        "always timed, because every ratio is to it, and `unprobed` with "
+        "`fast`, because the epoch overhead needs the step after a probe.",
         flag_values=flag_values,
     )
     flags.DEFINE_integer(
@@ -176,8 +179,8 @@ def define_flags(flag_values=flags.FLAGS):
     )
     flags.DEFINE_float(
         "overhead_target", 0.02, "Epoch overhead to report the probe "
-        "interval for: the table gives the smallest N whose overhead is at "
-        "most this fraction.", lower_bound=1e-6, flag_values=flag_values,
+        "interval for, as a fraction in (0, 1): the table gives the "
+        "smallest N whose overhead is at most this.", flag_values=flag_values,
     )
     flags.DEFINE_float(
         "budget_seconds", 120.0, "Skip a variant at a batch size when its "
@@ -209,6 +212,11 @@ def define_flags(flag_values=flags.FLAGS):
     )
     flags.register_validator(
         "batch_sizes", _check_batch_sizes, flag_values=flag_values
+    )
+    flags.register_validator(
+        "overhead_target", lambda value: 0 < value < 1,
+        message="must be a fraction in (0, 1), for example 0.02 for 2%",
+        flag_values=flag_values,
     )
     return flag_values
 
@@ -327,21 +335,41 @@ def build_variant(variant, model_name, seed):
     return model
 
 
-def run_step(variant, model, x, y):
-    """Run one training step, and read the probe values as a callback does."""
-    model.train_on_batch(x, y)
+def repeated_batch(x, y):
+    """Return an endless iterator over the batch (x, y), as `fit` sees it.
+
+    The dataset is batched without `drop_remainder`, so the batch size is
+    unknown when the step is traced, which is how `fit` compiles the
+    training step of a dataset. `train_on_batch` would compile it for the
+    one batch size instead.
+    """
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    return iter(dataset.batch(int(x.shape[0])).repeat())
+
+
+def run_step(variant, model, batches):
+    """Run one training step as `fit` does, copy its logs to the host, and
+    read the probe values as a callback does.
+
+    Args:
+        variant: a name in `VARIANTS`.
+        model: the compiled model of `variant`, built by one step.
+        batches: an iterator from `repeated_batch`.
+    """
+    logs = model.train_function(batches)
+    tf.nest.map_structure(lambda value: value.numpy(), logs)
     if variant not in ("plain", "unprobed"):
         model.read_probe_values()
 
 
-def timed_step(variant, model, x, y):
+def timed_step(variant, model, batches):
     """Return the wall time and the process CPU time of one step, seconds."""
     start, start_cpu = time.perf_counter(), time.process_time()
-    run_step(variant, model, x, y)
+    run_step(variant, model, batches)
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def peak_step_memory_mb(variant, model, x, y):
+def peak_step_memory_mb(variant, model, batches):
     """Peak tensor memory of one step over the memory held before it, in MB.
 
     Read from the statistics of TensorFlow's CPU allocator, which counts the
@@ -353,7 +381,7 @@ def peak_step_memory_mb(variant, model, x, y):
         before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     except (ValueError, tf.errors.OpError):
         return None
-    run_step(variant, model, x, y)
+    run_step(variant, model, batches)
     peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
     return (peak - before) / 2**20
 
@@ -405,17 +433,21 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
             continue
         runners[variant] = build_variant(variant, model_name, settings["seed"])
 
+    batches = repeated_batch(x, y)
     for variant, model in runners.items():
+        # Builds the model and its optimizer, as `fit` does before its
+        # first step.
+        model.train_on_batch(x, y)
         for _ in range(settings["warmup"]):
-            run_step(variant, model, x, y)
+            run_step(variant, model, batches)
     times, cpu_times = _time_rounds(
-        runners, x, y, settings["repeats"], settings["seed"]
+        runners, batches, settings["repeats"], settings["seed"]
     )
     for name in times:
         memory = []
         if name in runners:
             memory = [
-                peak_step_memory_mb(name, runners[name], x, y)
+                peak_step_memory_mb(name, runners[name], batches)
                 for _ in range(settings["memory_repeats"])
             ]
         memory = [value for value in memory if value is not None]
@@ -455,7 +487,7 @@ def _over_budget(previous, variant, batch_size, settings):
     )
 
 
-def _time_rounds(runners, x, y, repeats, seed):
+def _time_rounds(runners, batches, repeats, seed):
     """Return dicts name -> wall times and name -> CPU times, in seconds.
 
     Each round runs every variant once, in an order shuffled anew for each
@@ -472,7 +504,7 @@ def _time_rounds(runners, x, y, repeats, seed):
     cpu_times = {name: [] for name in names}
 
     def record(name, variant):
-        wall, cpu = timed_step(variant, runners[variant], x, y)
+        wall, cpu = timed_step(variant, runners[variant], batches)
         times[name].append(wall)
         cpu_times[name].append(cpu)
 
@@ -600,11 +632,20 @@ def format_table(report):
     return "\n".join(lines)
 
 
+def _variants_to_time(requested):
+    """`requested` in `VARIANTS` order, with `plain`, and with `unprobed`
+    when `fast` is timed."""
+    wanted = set(requested) | {"plain"}
+    if "fast" in wanted:
+        wanted.add("unprobed")
+    return [variant for variant in VARIANTS if variant in wanted]
+
+
 def _settings():
     settings = {
         "models": list(FLAGS.models),
-        "batch_sizes": sorted(int(b) for b in FLAGS.batch_sizes),
-        "variants": ["plain"] + [v for v in FLAGS.variants if v != "plain"],
+        "batch_sizes": sorted({int(b) for b in FLAGS.batch_sizes}),
+        "variants": _variants_to_time(FLAGS.variants),
         "repeats": FLAGS.repeats,
         "warmup": FLAGS.warmup,
         "memory_repeats": FLAGS.memory_repeats,
@@ -632,9 +673,25 @@ def main(argv):
         "settings": settings,
         "results": [],
     }
+    if FLAGS.output:
+        directory = os.path.dirname(os.path.abspath(FLAGS.output))
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as error:
+            raise app.UsageError(
+                f"Invalid --output={FLAGS.output}: cannot create its folder "
+                f"({error.strerror}). Pass a file in a writable folder."
+            ) from error
     digits = data.load_dataset("mnist5k")
     # Fails before any timing when a batch size exceeds the digits.
-    batch_of_digits(settings["models"][0], max(settings["batch_sizes"]), digits)
+    try:
+        batch_of_digits(
+            settings["models"][0], max(settings["batch_sizes"]), digits
+        )
+    except ValueError as error:
+        raise app.UsageError(
+            f"--batch_sizes={','.join(FLAGS.batch_sizes)}: {error}"
+        ) from error
     for model_name in settings["models"]:
         previous = {}
         for batch_size in settings["batch_sizes"]:
