@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from absl import app
 from absl import flags
 
 from tf_fisher import gram
@@ -139,8 +140,37 @@ def test_bad_flags_are_rejected(argument, message):
         flag_values(["benchmark", argument])
 
 
-def test_good_flags_parse():
+def test_settings_sort_batch_sizes_and_drop_repeats():
     flag_values = benchmark.define_flags(flags.FlagValues())
-    flag_values(["benchmark", "--batch_sizes=32,16,32", "--overhead_target=0.05"])
-    assert flag_values.batch_sizes == ["32", "16", "32"]
-    assert flag_values.overhead_target == pytest.approx(0.05)
+    flag_values([
+        "benchmark", "--batch_sizes=32,16,32", "--overhead_target=0.05",
+        "--variants=loop",
+    ])
+    settings = benchmark.settings_from_flags(flag_values)
+    assert settings["batch_sizes"] == [16, 32]
+    assert settings["overhead_target"] == pytest.approx(0.05)
+    assert settings["variants"] == ["plain", "loop"]
+
+
+def test_batches_have_unknown_size_when_traced(digits):
+    """The timed step is compiled as `fit` compiles it for a dataset."""
+    x, y = benchmark.batch_of_digits("mlp", 8, digits)
+    batches = benchmark.repeated_batch(x, y)
+    images_spec, labels_spec = batches.element_spec
+    assert images_spec.shape.as_list() == [None, 32, 32, 1]
+    assert labels_spec.shape.as_list() == [None]
+    for _ in range(3):
+        images, labels = next(batches)
+        np.testing.assert_array_equal(images, x)
+        np.testing.assert_array_equal(labels, y)
+
+
+def test_output_path_is_checked_before_timing(tmp_path):
+    nested = tmp_path / "new" / "folder" / "benchmark.json"
+    benchmark.check_output_path(str(nested))
+    assert nested.parent.is_dir()
+    with pytest.raises(app.UsageError, match="it is a folder"):
+        benchmark.check_output_path(str(tmp_path))
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(app.UsageError, match="part of its folder path"):
+        benchmark.check_output_path(str(tmp_path / "afile" / "x.json"))

@@ -128,11 +128,25 @@ CONV_ROUTES = {
 }
 
 
-def conv_route(input_shape, filters):
-    positions = input_shape[0] * input_shape[1]
-    if input_shape[-1] * filters >= gram._PATCH_PRODUCT_RATIO * positions:
-        return "patches"
-    return "grouped"
+@pytest.fixture
+def grouped_op_calls(monkeypatch):
+    """Count the calls of `_conv_kernel_gradients`, the grouped route."""
+    calls = []
+    grouped = gram._conv_kernel_gradients
+
+    def counting(*args):
+        calls.append(args[0].name)
+        return grouped(*args)
+
+    monkeypatch.setattr(gram, "_conv_kernel_gradients", counting)
+    return calls
+
+
+def assert_route_taken(route, grouped_op_calls):
+    if route == "grouped":
+        assert grouped_op_calls
+    else:
+        assert not grouped_op_calls
 
 
 def test_conv_pairwise_form_matches_loop():
@@ -234,10 +248,9 @@ def test_blocked_products_in_conv_block_match_loop(monkeypatch, static):
 
 
 @pytest.mark.parametrize("route", sorted(CONV_ROUTES))
-def test_conv_kernel_gradients_sum_to_batch_gradient(route):
+def test_conv_kernel_gradients_sum_to_batch_gradient(route, grouped_op_calls):
     """The kernel gradients kept for the update are the sum over examples."""
     input_shape, filters = CONV_ROUTES[route]
-    assert conv_route(input_shape, filters) == route
     layer = keras.layers.Conv2D(filters, 3, padding="same")
     model = keras.Sequential([keras.Input(input_shape), layer])
     rng = np.random.default_rng(6)
@@ -257,6 +270,7 @@ def test_conv_kernel_gradients_sum_to_batch_gradient(route):
     np.testing.assert_allclose(
         kernel_gradients[id(layer.kernel)], expected, rtol=1e-4, atol=1e-4
     )
+    assert_route_taken(route, grouped_op_calls)
 
 
 def test_conv_on_maps_of_any_size_matches_loop():
@@ -398,13 +412,14 @@ def one_step_update(model, x, y):
 
 @pytest.mark.parametrize("route", sorted(CONV_ROUTES))
 @pytest.mark.parametrize("regularised", [False, True])
-def test_probed_step_applies_plain_keras_update(route, regularised):
+def test_probed_step_applies_plain_keras_update(
+    route, regularised, grouped_op_calls
+):
     """A probed step takes the kernel gradients of materialised layers from
     the probe; its update must still equal that of a plain Keras step. With
     a kernel regulariser the probe's gradients would miss the penalty, so
     the step keeps the backward pass's gradients."""
     input_shape, filters = CONV_ROUTES[route]
-    assert conv_route(input_shape, filters) == route
 
     def network():
         inputs = keras.Input(input_shape)
@@ -427,6 +442,7 @@ def test_probed_step_applies_plain_keras_update(route, regularised):
     expected = one_step_update(plain, x, y)
     actual = one_step_update(probed, x, y)
     assert np.isfinite(probed.read_probe_values()["trace"])
+    assert_route_taken(route, grouped_op_calls)
     for change, reference in zip(actual, expected, strict=True):
         np.testing.assert_allclose(
             change, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max()

@@ -4,9 +4,10 @@ For each model and batch size the tool times, in one process and
 interleaved in rounds of shuffled order so that machine noise hits all of
 them alike:
 
-* `plain`: the network alone, compiled by Keras, one `train_on_batch`,
-  which runs the compiled step that `fit` runs (Keras's own `train_step`)
-  and returns the loss and metrics to the host, as every variant does;
+* `plain`: the network alone, compiled by Keras (its own `train_step`).
+  Like every variant, it runs as `fit` runs a step: one call of the
+  model's `train_function` on an iterator whose batch size is unknown when
+  the step is traced, then a copy of the loss and metrics to the host;
 * `unprobed`: a `tf_fisher.FisherModel` step that takes no probe;
 * `fast`: a `FisherModel` step that takes a probe (`fisher_interval=1`),
   with the Gram matrix from the per-layer closed forms of `tf_fisher.gram`,
@@ -327,9 +328,9 @@ def build_variant(variant, model_name, seed):
         ))
     model = _compile(FisherModel(network, fisher_interval=1))
     if variant == "unprobed":
-        # Probes fall on steps 0, N, 2N, ... of an epoch, and
-        # `train_on_batch` never starts an epoch, so with the host counter
-        # past 0 and a huge N no step takes a probe.
+        # Probes fall on steps 0, N, 2N, ... of an epoch, and the
+        # benchmark never starts an epoch, so with the host counter past 0
+        # and a huge N no step takes a probe.
         model.fisher_interval = 2**62
         model._probe.step_in_epoch = 1
     return model
@@ -344,7 +345,10 @@ def repeated_batch(x, y):
     one batch size instead.
     """
     dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    return iter(dataset.batch(int(x.shape[0])).repeat())
+    # Cached after batching, so a step does not wait for the batch to be
+    # assembled again from single examples, a cost that `fit` hides by
+    # prefetching.
+    return iter(dataset.batch(int(x.shape[0])).cache().repeat().prefetch(1))
 
 
 def run_step(variant, model, batches):
@@ -632,6 +636,29 @@ def format_table(report):
     return "\n".join(lines)
 
 
+def check_output_path(path):
+    """Create the folder of the JSON file `path`, or raise `app.UsageError`
+    naming --output when `path` cannot be written as a file."""
+    if os.path.isdir(path):
+        raise app.UsageError(
+            f"Invalid --output={path}: it is a folder. Pass a file name, "
+            f"for example {os.path.join(path, 'benchmark.json')}."
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        raise app.UsageError(
+            f"Invalid --output={path}: a part of its folder path is a file "
+            f"({error.filename}). Pass a file in a folder."
+        ) from error
+    except OSError as error:
+        raise app.UsageError(
+            f"Invalid --output={path}: cannot create its folder "
+            f"({error.strerror}). Pass a file in a writable folder."
+        ) from error
+
+
 def _variants_to_time(requested):
     """`requested` in `VARIANTS` order, with `plain`, and with `unprobed`
     when `fast` is timed."""
@@ -641,20 +668,22 @@ def _variants_to_time(requested):
     return [variant for variant in VARIANTS if variant in wanted]
 
 
-def _settings():
+def settings_from_flags(flag_values=FLAGS):
+    """Return the run's settings from parsed flags, batch sizes sorted and
+    without repeats."""
     settings = {
-        "models": list(FLAGS.models),
-        "batch_sizes": sorted({int(b) for b in FLAGS.batch_sizes}),
-        "variants": _variants_to_time(FLAGS.variants),
-        "repeats": FLAGS.repeats,
-        "warmup": FLAGS.warmup,
-        "memory_repeats": FLAGS.memory_repeats,
-        "interval": FLAGS.interval,
-        "overhead_target": FLAGS.overhead_target,
-        "budget_seconds": FLAGS.budget_seconds,
-        "seed": FLAGS.seed,
+        "models": list(flag_values.models),
+        "batch_sizes": sorted({int(b) for b in flag_values.batch_sizes}),
+        "variants": _variants_to_time(flag_values.variants),
+        "repeats": flag_values.repeats,
+        "warmup": flag_values.warmup,
+        "memory_repeats": flag_values.memory_repeats,
+        "interval": flag_values.interval,
+        "overhead_target": flag_values.overhead_target,
+        "budget_seconds": flag_values.budget_seconds,
+        "seed": flag_values.seed,
     }
-    if FLAGS.quick:
+    if flag_values.quick:
         settings.update(
             models=["mlp", "resnet8"], batch_sizes=[16], repeats=3,
             memory_repeats=1,
@@ -665,7 +694,7 @@ def _settings():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    settings = _settings()
+    settings = settings_from_flags()
     std_logging.getLogger("tensorflow").addFilter(_DropExpectedWarnings())
     report = {
         "command": " ".join(["python -m tools.benchmark"] + sys.argv[1:]),
@@ -674,14 +703,7 @@ def main(argv):
         "results": [],
     }
     if FLAGS.output:
-        directory = os.path.dirname(os.path.abspath(FLAGS.output))
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as error:
-            raise app.UsageError(
-                f"Invalid --output={FLAGS.output}: cannot create its folder "
-                f"({error.strerror}). Pass a file in a writable folder."
-            ) from error
+        check_output_path(FLAGS.output)
     digits = data.load_dataset("mnist5k")
     # Fails before any timing when a batch size exceeds the digits.
     try:
