@@ -61,7 +61,7 @@ def test_summary_ratios_overhead_and_interval():
     )["interval_for_target"] == 1
 
 
-def test_cell_times_every_variant_and_formats_a_row(digits):
+def test_cell_timing_and_table_row(digits):
     settings = {
         "repeats": 2, "warmup": 1, "memory_repeats": 1,
         "budget_seconds": 60.0, "seed": 0, "interval": 50,
@@ -93,7 +93,7 @@ def test_cell_times_every_variant_and_formats_a_row(digits):
     assert math.isfinite(cell["epoch_overhead"])
 
 
-def test_batch_larger_than_the_digits_is_rejected(digits):
+def test_oversized_batch_is_rejected(digits):
     too_many = len(digits.train_images) + 1
     with pytest.raises(ValueError, match=f"Invalid batch size {too_many}"):
         benchmark.batch_of_digits("mlp", too_many, digits)
@@ -140,7 +140,7 @@ def test_bad_flags_are_rejected(argument, message):
         flag_values(["benchmark", argument])
 
 
-def test_settings_sort_batch_sizes_and_drop_repeats():
+def test_settings_deduplicate_batch_sizes():
     flag_values = benchmark.define_flags(flags.FlagValues())
     flag_values([
         "benchmark", "--batch_sizes=32,16,32", "--overhead_target=0.05",
@@ -152,7 +152,7 @@ def test_settings_sort_batch_sizes_and_drop_repeats():
     assert settings["variants"] == ["plain", "loop"]
 
 
-def test_batches_have_unknown_size_when_traced(digits):
+def test_batches_have_unknown_size(digits):
     """The timed step is compiled as `fit` compiles it for a dataset."""
     x, y = benchmark.batch_of_digits("mlp", 8, digits)
     batches = benchmark.repeated_batch(x, y)
@@ -165,7 +165,7 @@ def test_batches_have_unknown_size_when_traced(digits):
         np.testing.assert_array_equal(labels, y)
 
 
-def test_output_path_is_checked_before_timing(tmp_path):
+def test_output_path_is_checked(tmp_path):
     nested = tmp_path / "new" / "folder" / "benchmark.json"
     benchmark.check_output_path(str(nested))
     assert nested.parent.is_dir()

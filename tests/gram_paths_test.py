@@ -218,7 +218,7 @@ def test_row_products_match_numpy(rows, static):
 
 
 @pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
-def test_blocked_products_in_conv_block_match_loop(monkeypatch, static):
+def test_blocked_conv_block_matches_loop(monkeypatch, static):
     """A materialised conv block whose Gram comes from upper row blocks,
     also inside a function compiled for any batch size, as `fit` compiles
     the training step."""
@@ -273,7 +273,7 @@ def test_conv_kernel_gradients_sum_to_batch_gradient(route, grouped_op_calls):
     assert_route_taken(route, grouped_op_calls)
 
 
-def test_conv_on_maps_of_any_size_matches_loop():
+def test_conv_any_map_size_matches_loop():
     """A fully convolutional network compiled for any height and width:
     the output positions are unknown when the step is traced."""
     inputs = keras.Input((None, None, 3))

@@ -303,9 +303,9 @@ def _row_products(matrix):
     rows, columns = matrix.shape
     if columns is None or columns < _BLOCKED_PRODUCT_COLUMNS:
         return _batched_product(matrix, matrix)
+    if rows is not None and rows >= _BLOCKED_PRODUCT_ROWS:
+        return _blocked_row_products(matrix)
     if rows is not None:
-        if rows >= _BLOCKED_PRODUCT_ROWS:
-            return _blocked_row_products(matrix)
         return _batched_product(matrix, matrix)
     return tf.cond(
         tf.shape(matrix)[0] >= _BLOCKED_PRODUCT_ROWS,
@@ -590,13 +590,12 @@ def _conv_gram(layer, inputs, output, output_gradient, kernel_gradients):
     patches = _conv_patches(layer, inputs)
     a = _with_static_positions(_as_positions(patches), patches)
     g = _with_static_positions(_as_positions(gradient), gradient)
-    if form == "pairwise":
-        return gram + _pairwise_gram(a, g)
-    per_example = tf.einsum("itd,ite->ide", a, g)
-    kernel_gradients[id(layer.kernel)] = tf.reshape(
-        tf.reduce_sum(per_example, axis=0), layer.kernel.shape
-    )
-    return gram + _flat_gram(per_example)
+    block, kernel_gradient = _linear_block(a, g)
+    if kernel_gradient is not None:
+        kernel_gradients[id(layer.kernel)] = tf.reshape(
+            kernel_gradient, layer.kernel.shape
+        )
+    return gram + block
 
 
 def _normalized_inputs(layer, inputs):

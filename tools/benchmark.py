@@ -37,7 +37,7 @@ of probing every N = `--interval` steps is
 extra time plus any slow-down it leaves to the next step, over N plain
 steps. The table also gives the smallest N that keeps the overhead at most
 `--overhead_target`. The formula takes the other steps to cost a plain
-step, because they run the same ops; the `unprobed` ratio shows how close
+step, because they run the same ops. The `unprobed` ratio shows how close
 the two were in the run.
 
 Memory is the peak of the bytes in live tensors during one step minus the
@@ -337,7 +337,7 @@ def build_variant(variant, model_name, seed):
 
 
 def repeated_batch(x, y):
-    """Return an endless iterator over the batch (x, y), as `fit` sees it.
+    """Return an endless iterator over the batch (x, y), shaped as in `fit`.
 
     The dataset is batched without `drop_remainder`, so the batch size is
     unknown when the step is traced, which is how `fit` compiles the
@@ -448,16 +448,17 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
         runners, batches, settings["repeats"], settings["seed"]
     )
     for name in times:
+        median = statistics.median(times[name])
         memory = []
+        # `after_probe` reuses the `unprobed` model, so it has no model,
+        # budget estimate or memory of its own.
         if name in runners:
+            previous[name] = (batch_size, median)
             memory = [
                 peak_step_memory_mb(name, runners[name], batches)
                 for _ in range(settings["memory_repeats"])
             ]
         memory = [value for value in memory if value is not None]
-        median = statistics.median(times[name])
-        if name in runners:
-            previous[name] = (batch_size, median)
         results[name] = {
             "median_ms": 1e3 * median,
             "times_ms": [1e3 * t for t in times[name]],
@@ -497,9 +498,9 @@ def _time_rounds(runners, batches, repeats, seed):
     Each round runs every variant once, in an order shuffled anew for each
     round, so that no variant always follows the same one. When both `fast`
     and `unprobed` run, the `unprobed` model also takes one step right after
-    each `fast` step, timed under the name `after_probe`: in training, the
+    each `fast` step, timed under the name `after_probe`. In training, the
     step after a probe is an ordinary step, and anything the probe leaves
-    behind (busy threads, evicted caches) shows there.
+    behind, such as a BLAS thread that keeps spinning, slows it down.
     """
     names = list(runners)
     if "fast" in runners and "unprobed" in runners:
@@ -631,7 +632,7 @@ def format_table(report):
         f"| N for overhead ≤ {100 * target:g}% "
         "| peak MB plain / fast / whole-model / loop |"
     )
-    lines = [header, "|" + " --- |" * 12]
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     lines.extend(_table_row(cell) for cell in report["results"])
     return "\n".join(lines)
 
@@ -660,12 +661,12 @@ def check_output_path(path):
 
 
 def _variants_to_time(requested):
-    """`requested` in `VARIANTS` order, with `plain`, and with `unprobed`
-    when `fast` is timed."""
-    wanted = set(requested) | {"plain"}
-    if "fast" in wanted:
-        wanted.add("unprobed")
-    return [variant for variant in VARIANTS if variant in wanted]
+    """Return `requested` in `VARIANTS` order, with `plain`, and with
+    `unprobed` when `fast` is timed."""
+    selected = set(requested) | {"plain"}
+    if "fast" in selected:
+        selected.add("unprobed")
+    return [variant for variant in VARIANTS if variant in selected]
 
 
 def settings_from_flags(flag_values=FLAGS):
