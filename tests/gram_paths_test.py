@@ -69,6 +69,46 @@ def fast_gram_without_warnings(model, x, y):
         return gram.gram_matrix(model, LOSS, x, y, method="fast")
 
 
+@pytest.fixture
+def route_calls(monkeypatch):
+    """Record the arguments of each call of the grouped filter-gradient,
+    input-patch and pairwise routes of `_conv_gram` and `_linear_block`."""
+    calls = {"grouped": [], "patches": [], "pairwise": []}
+    for route, name in (
+        ("grouped", "_conv_kernel_gradients"),
+        ("patches", "_conv_patches"),
+        ("pairwise", "_pairwise_gram"),
+    ):
+        original = getattr(gram, name)
+
+        def counting(*args, route=route, original=original):
+            calls[route].append(args)
+            return original(*args)
+
+        monkeypatch.setattr(gram, name, counting)
+    return calls
+
+
+def assert_route_taken(route, route_calls):
+    """Check that the convolution took `route` and no other."""
+    routes_taken = {name for name, calls in route_calls.items() if calls}
+    # The pairwise form of a convolution also starts from input patches.
+    expected = {"pairwise", "patches"} if route == "pairwise" else {route}
+    assert routes_taken == expected, route_calls
+
+
+def compiled_gram(model, x, y):
+    """Return `gram.gram_matrix` from a function compiled for any batch
+    size, as `fit` compiles the training step."""
+    return tf.function(
+        lambda x, y: gram.gram_matrix(model, LOSS, x, y),
+        input_signature=[
+            tf.TensorSpec([None, *x.shape[1:]]),
+            tf.TensorSpec([None], tf.int32),
+        ],
+    )(x, y)
+
+
 # Dense layers.
 
 
@@ -88,26 +128,33 @@ def test_dense_on_vectors_matches_loop(activation):
     )
 
 
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
 @pytest.mark.parametrize(
     "positions, width, expected_form",
     [(2, 40, "pairwise"), (30, 3, "materialised")],
 )
-def test_dense_on_sequences_matches_loop(positions, width, expected_form):
+def test_dense_on_sequences_matches_loop(
+    positions, width, expected_form, static, route_calls
+):
     """A Dense on `[batch, positions, features]` shares its kernel across
-    positions; the shapes select each form."""
+    positions; the shapes select each form, for the batch of 5 and for the
+    128 examples assumed when the batch size is unknown."""
     batch = 5
-    assert gram.linear_gram_form(batch, positions, width, width) == (
-        expected_form
-    )
+    for assumed in (batch, 128):
+        assert gram.linear_gram_form(assumed, positions, width, width) == (
+            expected_form
+        )
     inputs = keras.Input((positions, width))
     hidden = keras.layers.Dense(width, activation="tanh")(inputs)
     logits = keras.layers.Dense(3)(keras.layers.Flatten()(hidden))
     model = keras.Model(inputs, logits)
     x, y = random_batch((positions, width), batch, 3, seed=2)
-    assert_gram_close(
-        fast_gram_without_warnings(model, x, y),
-        single_example_gram(model, x, y),
+    actual = (
+        fast_gram_without_warnings(model, x, y) if static
+        else compiled_gram(model, x, y)
     )
+    assert_gram_close(actual, single_example_gram(model, x, y))
+    assert bool(route_calls["pairwise"]) == (expected_form == "pairwise")
 
 
 # Conv2D layers.
@@ -120,50 +167,35 @@ def conv_model(input_shape, filters, kernel_size, **conv_options):
     return keras.Model(inputs, logits)
 
 
-# Input shapes and filters for which `_conv_gram` forms per-example kernel
-# gradients with grouped filter-gradient ops, and with patch products.
-CONV_ROUTES = {
-    "grouped": ((9, 9, 2), 4),
-    "patches": ((4, 4, 32), 64),
+# Shapes for which `_conv_gram` takes each route, at a batch of 6 and when
+# the batch size is unknown: (input shape, filters, padding).
+ROUTE_SHAPES = {
+    "grouped": ((9, 9, 2), 4, "same"),
+    "patches": ((4, 4, 32), 64, "same"),
+    # A 3 x 3 "valid" kernel on a 4 x 4 input leaves 4 output positions,
+    # where pairwise products over positions are the cheaper form.
+    "pairwise": ((4, 4, 16), 64, "valid"),
 }
+# The routes that materialise per-example kernel gradients.
+MATERIALISED_ROUTES = ["grouped", "patches"]
 
 
-@pytest.fixture
-def grouped_op_calls(monkeypatch):
-    """Count the calls of `_conv_kernel_gradients`, the grouped route."""
-    calls = []
-    grouped = gram._conv_kernel_gradients
-
-    def counting(*args):
-        calls.append(args[0].name)
-        return grouped(*args)
-
-    monkeypatch.setattr(gram, "_conv_kernel_gradients", counting)
-    return calls
-
-
-def assert_route_taken(route, grouped_op_calls):
-    if route == "grouped":
-        assert grouped_op_calls
-    else:
-        assert not grouped_op_calls
-
-
-def test_conv_pairwise_form_matches_loop():
-    """A 4 x 4 input and a 3 x 3 "valid" kernel leave 4 output positions,
-    where pairwise products over positions are the cheaper form."""
-    batch, channels, filters = 6, 8, 16
-    assert gram.linear_gram_form(batch, 4, 9 * channels, filters) == (
-        "pairwise"
-    )
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+@pytest.mark.parametrize("route", sorted(ROUTE_SHAPES))
+def test_conv_routes_match_loop(route, static, route_calls):
+    """Each route of a Conv2D block, with the batch size known when the
+    function is traced, and unknown as in `fit`."""
+    input_shape, filters, padding = ROUTE_SHAPES[route]
     model = conv_model(
-        (4, 4, channels), filters, 3, padding="valid", activation="relu"
+        input_shape, filters, 3, padding=padding, activation="relu"
     )
-    x, y = random_batch((4, 4, channels), batch, 3, seed=3)
-    assert_gram_close(
-        fast_gram_without_warnings(model, x, y),
-        single_example_gram(model, x, y),
+    x, y = random_batch(input_shape, 6, 3, seed=3)
+    actual = (
+        fast_gram_without_warnings(model, x, y) if static
+        else compiled_gram(model, x, y)
     )
+    assert_gram_close(actual, single_example_gram(model, x, y))
+    assert_route_taken(route, route_calls)
 
 
 @pytest.mark.parametrize(
@@ -193,14 +225,9 @@ def test_conv_materialised_with_unknown_batch_matches_loop():
     is split into chunks at run time."""
     model = conv_model((9, 9, 2), 4, 3, padding="same", activation="relu")
     x, y = random_batch((9, 9, 2), 19, 3, seed=5)
-    compiled = tf.function(
-        lambda x, y: gram.gram_matrix(model, LOSS, x, y),
-        input_signature=[
-            tf.TensorSpec([None, 9, 9, 2]),
-            tf.TensorSpec([None], tf.int32),
-        ],
+    assert_gram_close(
+        compiled_gram(model, x, y), single_example_gram(model, x, y)
     )
-    assert_gram_close(compiled(x, y), single_example_gram(model, x, y))
 
 
 @pytest.mark.parametrize("rows", [255, 301, 512])
@@ -247,10 +274,10 @@ def test_blocked_conv_block_matches_loop(monkeypatch, static):
     assert [shape[1] for shape in blocked_calls].count(72) == 1
 
 
-@pytest.mark.parametrize("route", sorted(CONV_ROUTES))
-def test_conv_kernel_gradients_sum_to_batch_gradient(route, grouped_op_calls):
+@pytest.mark.parametrize("route", MATERIALISED_ROUTES)
+def test_conv_kernel_gradients_sum_to_batch_gradient(route, route_calls):
     """The kernel gradients kept for the update are the sum over examples."""
-    input_shape, filters = CONV_ROUTES[route]
+    input_shape, filters, _ = ROUTE_SHAPES[route]
     layer = keras.layers.Conv2D(filters, 3, padding="same")
     model = keras.Sequential([keras.Input(input_shape), layer])
     rng = np.random.default_rng(6)
@@ -270,7 +297,7 @@ def test_conv_kernel_gradients_sum_to_batch_gradient(route, grouped_op_calls):
     np.testing.assert_allclose(
         kernel_gradients[id(layer.kernel)], expected, rtol=1e-4, atol=1e-4
     )
-    assert_route_taken(route, grouped_op_calls)
+    assert_route_taken(route, route_calls)
 
 
 def test_conv_any_map_size_matches_loop():
@@ -410,16 +437,16 @@ def one_step_update(model, x, y):
     return [w.numpy() - b for w, b in zip(model.trainable_weights, before)]
 
 
-@pytest.mark.parametrize("route", sorted(CONV_ROUTES))
+@pytest.mark.parametrize("route", MATERIALISED_ROUTES)
 @pytest.mark.parametrize("regularised", [False, True])
 def test_probed_step_applies_plain_keras_update(
-    route, regularised, grouped_op_calls
+    route, regularised, route_calls
 ):
     """A probed step takes the kernel gradients of materialised layers from
     the probe; its update must still equal that of a plain Keras step. With
     a kernel regulariser the probe's gradients would miss the penalty, so
     the step keeps the backward pass's gradients."""
-    input_shape, filters = CONV_ROUTES[route]
+    input_shape, filters, _ = ROUTE_SHAPES[route]
 
     def network():
         inputs = keras.Input(input_shape)
@@ -442,7 +469,7 @@ def test_probed_step_applies_plain_keras_update(
     expected = one_step_update(plain, x, y)
     actual = one_step_update(probed, x, y)
     assert np.isfinite(probed.read_probe_values()["trace"])
-    assert_route_taken(route, grouped_op_calls)
+    assert_route_taken(route, route_calls)
     for change, reference in zip(actual, expected, strict=True):
         np.testing.assert_allclose(
             change, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max()
@@ -466,6 +493,9 @@ def test_probe_in_training_step_matches_loop(build, monkeypatch):
         warnings.simplefilter("ignore")
         one_step_update(model, x, y)
     recorded = model.read_probe_values()
-    for key in ("trace", "lambda_max"):
-        assert recorded[key] == pytest.approx(float(expected[key]), rel=RTOL)
+    for key in ("trace", "lambda_max", "lambda_min", "condition_number"):
+        assert recorded[key] == pytest.approx(
+            float(expected[key]), rel=RTOL
+        ), key
+    assert recorded["rank"] == float(expected["rank"])
     assert recorded["batch_size"] == 19

@@ -6,7 +6,9 @@ import pytest
 import tensorflow as tf
 
 from tf_fisher import gram
+from tf_fisher import measures
 from tf_fisher import models
+from tf_fisher.model import FisherModel
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -152,19 +154,25 @@ def numpy_contributions(layer, inputs, output, delta):
         A list aligned with `layer.trainable_weights`.
     """
     if isinstance(layer, keras.layers.BatchNormalization):
-        mean = inputs.mean(axis=(0, 1, 2))
-        variance = inputs.var(axis=(0, 1, 2))
+        # Statistics over the batch and any spatial axes; contributions
+        # summed over the spatial axes of each example.
+        batch_axes = tuple(range(inputs.ndim - 1))
+        spatial_axes = batch_axes[1:]
+        mean = inputs.mean(axis=batch_axes)
+        variance = inputs.var(axis=batch_axes)
         normalized = (inputs - mean) / np.sqrt(variance + layer.epsilon)
-        gamma = layer.gamma.numpy()
-        beta = layer.beta.numpy()
+        gamma = layer.gamma.numpy() if layer.scale else 1.0
+        beta = layer.beta.numpy() if layer.center else 0.0
         assert_matrix_close(
             output.reshape(-1, output.shape[-1]),
             (normalized * gamma + beta).reshape(-1, output.shape[-1]),
         )
-        return [
-            (normalized * delta).sum(axis=(1, 2)),
-            delta.sum(axis=(1, 2)),
-        ]
+        contributions = []
+        if layer.scale:
+            contributions.append((normalized * delta).sum(axis=spatial_axes))
+        if layer.center:
+            contributions.append(delta.sum(axis=spatial_axes))
+        return contributions
     assert layer.activation is keras.activations.linear
     kernel = layer.kernel.numpy().astype(np.float64)
     if isinstance(layer, keras.layers.Conv2D):
@@ -297,6 +305,95 @@ def test_bn_layer_tape_matches_numpy(resnet8, bn_batch):
             call.layer, call.inputs, delta
         )
         assert_matrix_close(actual.numpy(), expected)
+
+
+# Networks with BatchNormalization against numpy contributions, in each
+# setting the package forms their Gram matrix: an eager call, a function
+# compiled for any batch size, and the probed step of `fit`.
+
+
+def numpy_gram(model, x, y):
+    """Return J Jᵀ in float64 from the numpy contributions of a training
+    pass."""
+    calls, output_gradients, batch_gradients = traced_batch_gradients(
+        model, x, y
+    )
+    jacobian = numpy_jacobian(
+        model, calls, output_gradients, batch_gradients
+    )
+    return jacobian @ jacobian.T
+
+
+def vector_batch_norm_model(input_shape, seed):
+    """Build Dense, BatchNormalization with γ and β on vectors, ReLU and
+    Dense logits."""
+    initializer = keras.initializers.GlorotUniform(seed)
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(8, kernel_initializer=initializer)(x)
+    x = keras.layers.BatchNormalization(gamma_initializer="random_uniform")(x)
+    x = keras.layers.ReLU()(x)
+    logits = keras.layers.Dense(10, kernel_initializer=initializer)(x)
+    return keras.Model(inputs, logits)
+
+
+def batch_norm_network(name, seed=5):
+    if name == "vector_bn":
+        return vector_batch_norm_model((8, 8, 1), seed)
+    channels = 3 if name == "resnet20" else 1
+    return models.build_model(name, (8, 8, channels), 10, seed=seed)
+
+
+def network_batch(network, size=6, seed=11):
+    rng = np.random.default_rng(seed)
+    shape = (size, *network.input_shape[1:])
+    x = tf.constant(rng.normal(size=shape).astype(np.float32))
+    y = tf.constant(rng.integers(0, 10, size=size).astype(np.int32))
+    return x, y
+
+
+BATCH_NORM_NETWORKS = ["vector_bn", "resnet8", "densenet8", "resnet20"]
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+@pytest.mark.parametrize("name", BATCH_NORM_NETWORKS)
+def test_batch_norm_networks_match_numpy_contributions(name, static):
+    network = batch_norm_network(name)
+    x, y = network_batch(network)
+    if static:
+        actual = gram.gram_matrix(network, LOSS, x, y)
+    else:
+        actual = tf.function(
+            lambda x, y: gram.gram_matrix(network, LOSS, x, y),
+            input_signature=[
+                tf.TensorSpec([None, *x.shape[1:]]),
+                tf.TensorSpec([None], tf.int32),
+            ],
+        )(x, y)
+    assert_matrix_close(actual.numpy(), numpy_gram(network, x, y))
+
+
+@pytest.mark.parametrize("method", ["fast", "tape"])
+@pytest.mark.parametrize("name", BATCH_NORM_NETWORKS)
+def test_fit_probe_matches_numpy_contributions(name, method):
+    """The probe of a `fit` step, with the mean-reduced loss that Keras
+    trains on, records the spectrum of the summed loss's J Jᵀ."""
+    network = batch_norm_network(name)
+    x, y = network_batch(network)
+    expected = {
+        key: float(value)
+        for key, value in measures.spectrum_statistics(
+            tf.constant(numpy_gram(network, x, y))
+        ).items()
+    }
+    model = FisherModel(network, fisher_interval=1, gram_method=method)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(6)
+    model.fit(dataset, epochs=1, verbose=0, shuffle=False)
+    recorded = model.read_probe_values()
+    for key in ("trace", "lambda_max", "lambda_min", "condition_number"):
+        assert recorded[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert recorded["rank"] == expected["rank"] == 6
 
 
 # Closed forms ("fast") against the per-layer tape on awkward layers.

@@ -40,8 +40,10 @@ per-example gradients. The blocks are:
 `gram_matrix` is the public entry point. `gram_matrix(..., method="tape")` (the
 per-layer tape for every layer), `whole_model_gram_matrix` (a whole-model
 `tf.vectorized_map`) and `loop_gram_matrix` (one backward pass per
-example) compute the same matrix by slower, independent routes for tests and
-benchmarks.
+example) compute the same matrix by slower routes, for benchmarks and
+cross-checks. They share code with the fast route, so the tests check every
+route against per-example loops and numpy contributions written in the
+tests themselves.
 """
 
 import dataclasses
