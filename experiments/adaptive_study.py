@@ -65,6 +65,7 @@ from absl import logging
 from experiments import study as study_lib
 from tf_fisher import adaptive
 from tf_fisher import batch_size_policies
+from tf_fisher import cli
 from tf_fisher import run
 
 FLAGS = flags.FLAGS
@@ -542,6 +543,19 @@ def settings_from_flags():
                 "separated by commas."
             ) from None
 
+    for name, low, high in (
+        ("learning_rate", 0.0, math.inf),
+        ("norm_test_theta", 0.0, 1.0),
+        ("noise_scale_multiplier", 0.0, math.inf),
+    ):
+        value = FLAGS[name].value
+        if not low < value < high:
+            expected = (
+                "a positive finite number" if high == math.inf
+                else f"a number in ({low:g}, {high:g})"
+            )
+            raise ValueError(f"Invalid --{name}={value}: expected {expected}.")
+
     for name in FLAGS.policies:
         if name not in batch_size_policies.POLICY_NAMES:
             raise ValueError(
@@ -613,8 +627,10 @@ def run_study(settings, output_dir, warm_up_first=True):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not cli.check_arguments(
+        argv, 0, "python -m experiments.adaptive_study [flags]"
+    ):
+        return 2
     try:
         settings = settings_from_flags()
         os.makedirs(FLAGS.output_dir, exist_ok=True)
@@ -629,4 +645,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -37,6 +37,7 @@ from absl import flags
 from absl import logging
 
 from experiments import study as study_lib
+from tf_fisher import cli
 from tf_fisher import run
 
 
@@ -250,6 +251,11 @@ def run_sweep(study, output_dir, jobs=1, threads_per_job=0):
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(
             f"Invalid jobs={jobs!r}: expected a positive integer."
+        )
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(
+            f"Invalid --output_dir={output_dir}: it is a file, not a folder. "
+            "Pass the path of a folder for the sweep."
         )
     specs = study_lib.expand(study, output_dir)
     outcomes = {}
@@ -495,12 +501,14 @@ def _log_to_file(path):
 
 def main(argv, flag_values=flags.FLAGS):
     """Run the sweep of the configuration named in `argv[1]`; return the
-    exit status (0 done, 1 some runs failed, 2 invalid input)."""
-    if len(argv) != 2:
-        raise app.UsageError(
-            "Expected one configuration: python -m experiments.sweep CONFIG "
-            f"[flags]. Available: {', '.join(study_lib.available_configs())}."
-        )
+    exit status (0 done, 1 some runs failed, 2 invalid input, 130
+    interrupted)."""
+    usage = (
+        "python -m experiments.sweep CONFIG [flags], with CONFIG one of "
+        f"{', '.join(study_lib.available_configs())}."
+    )
+    if not cli.check_arguments(argv, 1, usage):
+        return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         study = study_lib.load_study(argv[1])
@@ -518,6 +526,13 @@ def main(argv, flag_values=flags.FLAGS):
     except ValueError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "Interrupted. The finished runs are kept; run the same command "
+            "again to train the rest.",
+            file=sys.stderr,
+        )
+        return 130
     counts = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -540,4 +555,4 @@ def _list_runs(study, output_dir):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -14,6 +14,7 @@ from tf_fisher import FisherCallback
 from tf_fisher import FisherModel
 from tf_fisher import adaptive
 from tf_fisher import batch_size_policies as policies
+from tf_fisher import cli
 from tf_fisher import measures
 from tf_fisher import train as train_cli
 
@@ -479,7 +480,7 @@ def test_cli_adaptive_run_changes_batch_size(tmp_path):
         "--fisher_interval=10",
     ]
     with flagsaver.flagsaver():
-        train_cli.parse_flags(argv)
+        cli.parse_flags(argv)
         status = train_cli.main(["train"])
     assert status == 0
     epochs = read_rows(output_dir / "epochs.csv")
@@ -521,7 +522,7 @@ def test_cli_adaptive_bad_input(arguments, message, tmp_path, capsys):
     output_dir = tmp_path / "run"
     argv = ["train", f"--output_dir={output_dir}", "--epochs=5", *arguments]
     with flagsaver.flagsaver():
-        train_cli.parse_flags(argv)
+        cli.parse_flags(argv)
         status = train_cli.main(["train"])
     assert status == 2
     assert message in capsys.readouterr().err

@@ -16,6 +16,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
+from tf_fisher import cli
 from tf_fisher import data
 from tf_fisher import run
 from tf_fisher import schedules
@@ -566,7 +567,7 @@ def test_cli_bad_input(arguments, message, tmp_path, capsys):
     output_dir = tmp_path / "run"
     argv = ["train", f"--output_dir={output_dir}", *arguments]
     with flagsaver.flagsaver():
-        train_cli.parse_flags(argv)
+        cli.parse_flags(argv)
         status = train_cli.main(["train"])
     assert status == 2
     assert message in capsys.readouterr().err
@@ -579,11 +580,14 @@ def test_cli_bad_input(arguments, message, tmp_path, capsys):
         ("--batch_size=0", "--batch_size=0: must be a positive integer"),
         ("--batch_size=abc", "--batch_size=abc"),
         ("--epochs=0", "--epochs=0"),
+        ("--weight_decay=nan", "--weight_decay=nan: must be a finite"),
+        ("--learning_rate=inf", "--learning_rate=inf: must be a finite"),
+        ("--momentum=nan", "--momentum=nan: must be a finite"),
     ],
 )
 def test_cli_bad_flag_exits_2(argument, message, capsys):
     with flagsaver.flagsaver(), pytest.raises(SystemExit) as exit_info:
-        train_cli.parse_flags(["train", argument])
+        cli.parse_flags(["train", argument])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 

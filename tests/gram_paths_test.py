@@ -499,3 +499,50 @@ def test_probe_in_training_step_matches_loop(build, monkeypatch):
         ), key
     assert recorded["rank"] == float(expected["rank"])
     assert recorded["batch_size"] == 19
+
+
+def two_input_model():
+    """A Functional model with two named inputs."""
+    images = keras.Input((6, 6, 1), name="images")
+    features = keras.Input((3,), name="features")
+    x = keras.layers.Conv2D(2, 3, activation="relu")(images)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Concatenate()([x, features])
+    logits = keras.layers.Dense(3)(keras.layers.Dense(4, "tanh")(x))
+    return keras.Model([images, features], logits)
+
+
+@pytest.mark.parametrize("structure", ["list", "dict"])
+def test_two_input_model_matches_loop(structure):
+    """Inputs passed as a list and as a dict keyed by input name, to
+    `gram_matrix` and to the probe of a `fit` step."""
+    network = two_input_model()
+    rng = np.random.default_rng(13)
+    images = rng.normal(size=(7, 6, 6, 1)).astype(np.float32)
+    features = rng.normal(size=(7, 3)).astype(np.float32)
+    y = rng.integers(0, 3, size=7).astype(np.int32)
+    rows = []
+    for i in range(7):
+        with tf.GradientTape() as tape:
+            logits = network(
+                [images[i : i + 1], features[i : i + 1]], training=True
+            )
+            loss = tf.reduce_sum(LOSS.call(y[i : i + 1], logits))
+        gradients = tape.gradient(loss, network.trainable_weights)
+        rows.append(np.concatenate([np.ravel(g) for g in gradients]))
+    jacobian = np.stack(rows).astype(np.float64)
+    expected = jacobian @ jacobian.T
+    if structure == "list":
+        x = [images, features]
+    else:
+        x = {"images": images, "features": features}
+
+    assert_gram_close(gram.gram_matrix(network, LOSS, x, y), expected)
+    model = FisherModel(network, fisher_interval=1)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS)
+    model.fit(x, y, batch_size=7, epochs=1, verbose=0, shuffle=False)
+    recorded = model.read_probe_values()
+    assert recorded["trace"] == pytest.approx(np.trace(expected), rel=RTOL)
+    assert recorded["lambda_max"] == pytest.approx(
+        np.linalg.eigvalsh(expected)[-1], rel=RTOL
+    )

@@ -2,6 +2,7 @@
 
 import csv
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -357,6 +358,20 @@ def test_callback_rejects_plain_keras_model(small_digits):
         )
 
 
+def test_current_learning_rate_reads_variable_and_schedule():
+    optimizer = keras.optimizers.SGD(0.25)
+    scheduled = keras.optimizers.SGD(
+        keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    )
+    scheduled.iterations.assign(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert callbacks.current_learning_rate(optimizer) == 0.25
+        assert callbacks.current_learning_rate(scheduled) == pytest.approx(
+            0.05
+        )
+
+
 # Argument checks.
 
 
@@ -367,6 +382,7 @@ def test_callback_rejects_plain_keras_model(small_digits):
         ({"fisher_interval": 2.5}, "fisher_interval=2.5"),
         ({"eigenvalue_tolerance": 1.0}, "eigenvalue_tolerance=1.0"),
         ({"weight_decay": -1e-4}, "weight_decay=-0.0001"),
+        ({"weight_decay": math.nan}, "weight_decay=nan"),
         ({"gram_method": "exact"}, "gram_method='exact'"),
     ],
 )
@@ -388,6 +404,29 @@ def test_fisher_model_rejects_steps_per_execution():
     model = FisherModel(linear_network((3,)))
     with pytest.raises(ValueError, match="steps_per_execution=4"):
         model.compile(optimizer="sgd", loss=LOSS, steps_per_execution=4)
+
+
+def test_fisher_model_rejects_loss_scale_optimizer():
+    model = FisherModel(linear_network((3,)))
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1)
+    )
+    with pytest.raises(TypeError, match="loss scaling"):
+        model.compile(optimizer=optimizer, loss=LOSS)
+
+
+def test_fisher_model_rejects_mixed_float16_policy():
+    """The mixed_float16 policy makes compile add a LossScaleOptimizer."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = FisherModel(linear_network((3,)))
+        with pytest.raises(TypeError, match="'mixed_float16'"):
+            model.compile(optimizer="sgd", loss=LOSS)
+        # Without loss scaling the model compiles.
+        model.compile(optimizer="sgd", loss=LOSS, auto_scale_loss=False)
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def test_fisher_model_rejects_non_model():

@@ -7,6 +7,7 @@ from absl.testing import flagsaver
 
 from tests import report_test
 from tf_fisher import callbacks
+from tf_fisher import cli
 from tf_fisher import run
 from tf_fisher import train as train_cli
 from tools import report
@@ -20,7 +21,7 @@ def read_rows(path):
 
 def run_cli(*arguments):
     with flagsaver.flagsaver():
-        train_cli.parse_flags(["train", *arguments])
+        cli.parse_flags(["train", *arguments])
         return train_cli.main(["train"])
 
 
@@ -62,6 +63,31 @@ def test_rerun_into_run_folder_rejected(tmp_path, capsys):
     assert len(read_rows(output_dir / "samples.csv")) == 3
     event_files = os.listdir(output_dir / "tensorboard" / "fisher")
     assert len(event_files) == 1
+
+
+def test_overwrite_with_bad_input_keeps_run(tmp_path, capsys):
+    """Every check runs before --overwrite deletes the earlier run."""
+    output_dir = tmp_path / "run"
+    arguments = (f"--output_dir={output_dir}", "--epochs=1", "--batch_size=500")
+    assert run_cli(*arguments) == 0
+    first_epochs = read_rows(output_dir / "epochs.csv")
+    capsys.readouterr()
+
+    for bad in ("--batch_size=9999", "--dataset=cifar10"):
+        status = run_cli(
+            *arguments, bad, "--overwrite", f"--data_dir={tmp_path / 'no'}"
+        )
+        assert status == 2, bad
+        assert "Error:" in capsys.readouterr().err
+        assert read_rows(output_dir / "epochs.csv") == first_epochs
+        assert os.path.exists(output_dir / "summary.json")
+
+
+def test_unexpected_argument_exits_2(capsys):
+    with flagsaver.flagsaver():
+        cli.parse_flags(["train"])
+        assert train_cli.main(["train", "extra"]) == 2
+    assert "unexpected arguments: extra" in capsys.readouterr().err
 
 
 def test_output_dir_that_is_file_rejected(tmp_path, capsys):

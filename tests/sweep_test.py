@@ -11,6 +11,7 @@ from absl import flags
 
 from experiments import study as study_lib
 from experiments import sweep
+from tf_fisher import cli
 from tf_fisher import run
 from tf_fisher import schedules
 
@@ -224,6 +225,33 @@ def test_main_dry_run_lists_runs(tmp_path, capsys):
     assert lines[0] == "mnist5k_mlp_e1/s128_lr0.05_seed0\tto train"
     assert lines[-1] == f"4 runs in {tmp_path}"
     assert not os.path.exists(tmp_path / "sweep.json")
+
+
+def test_main_rejects_output_file(tmp_path, capsys):
+    path = tmp_path / "afile"
+    path.write_text("keep me")
+    values = parse_flags(f"--output_dir={path}")
+    assert sweep.main(["sweep", "smoke"], values) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert path.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["sweep"], "missing arguments"),
+     (["sweep", "smoke", "more"], "unexpected arguments: more")],
+)
+def test_main_wrong_argument_count_exits_2(argv, message, capsys):
+    assert sweep.main(argv, parse_flags()) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_flag_exits_2(capsys):
+    values = sweep.define_flags(flags.FlagValues())
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_flags(["sweep", "smoke", "--jobs=0"], values)
+    assert exit_info.value.code == 2
+    assert "--jobs=0" in capsys.readouterr().err
 
 
 def test_main_rejects_bad_config(capsys):

@@ -117,8 +117,8 @@ class AdaptiveBatchSize(keras.callbacks.Callback):
 
     def _policy_logs(self, epoch, logs):
         context = dict(logs or {})
-        context["learning_rate"] = float(
-            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        context["learning_rate"] = fisher_callbacks.current_learning_rate(
+            self.model.optimizer
         )
         if self.learning_rate_fn is not None:
             context["next_learning_rate"] = self.learning_rate_fn(epoch + 1)
@@ -234,7 +234,7 @@ def train_adaptive(config, policy, splits=None):
     _check_adaptive_config(config, policy)
     if splits is None:
         splits = data.load_dataset(config.dataset, config.data_dir)
-    _check_sizes_fit_data(config, policy, splits.num_train)
+    check_run(config, policy, splits.num_train)
     os.makedirs(config.output_dir, exist_ok=True)
     run.write_json_atomically(
         os.path.join(config.output_dir, "config.json"),
@@ -330,6 +330,13 @@ class _BatchSizeLogs(keras.callbacks.Callback):
         if logs is not None:
             logs["batch_size"] = self._adaptive.batch_size
             logs["stage"] = self._recorder.stage
+
+
+def check_run(config, policy, num_train):
+    """Raise ValueError unless `config` and `policy` make a valid adaptive
+    run on `num_train` training examples."""
+    _check_adaptive_config(config, policy)
+    _check_sizes_fit_data(config, policy, num_train)
 
 
 def _check_sizes_fit_data(config, policy, num_train):

@@ -29,6 +29,18 @@ EPOCH_KEYS = (
 ) + gradient_statistics.GRADIENT_KEYS
 
 
+
+def current_learning_rate(optimizer):
+    """Return the learning rate that `optimizer` applies next, as a float.
+
+    `optimizer.learning_rate` is a variable, or a tensor when a schedule
+    sets it. NumPy 2 warns when `keras.ops.convert_to_numpy` reads the
+    variable, because its `__array__` takes no `copy` argument, so the
+    value is read through `tf.convert_to_tensor`.
+    """
+    return float(tf.convert_to_tensor(optimizer.learning_rate))
+
+
 class AppendingCSV:
     """A CSV file that gets one row at a time and is flushed after each.
 
@@ -153,9 +165,7 @@ class FisherCallback(keras.callbacks.Callback):
 
     def _read_probe(self):
         values = self.model.read_probe_values()
-        learning_rate = float(
-            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-        )
+        learning_rate = current_learning_rate(self.model.optimizer)
         energy = measures.fisher_energy(
             learning_rate, values["batch_size"], values["trace"]
         )

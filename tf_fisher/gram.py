@@ -140,6 +140,11 @@ def _trace_graph(model, inputs, training, calls, taps):
             "with `keras.Input`, or use `whole_model_gram_matrix`."
         )
 
+    # Keras' Functional.call orders a dict or nested inputs into the flat
+    # list of graph inputs with `_standardize_inputs` before it runs the
+    # graph, so this does the same (private, as of Keras 3.15).
+    inputs = graph._standardize_inputs(inputs)
+
     def operation_fn(operation):
         def call(*args, **kwargs):
             if _functional_of(operation) is not None and isinstance(
@@ -1040,7 +1045,8 @@ def gram_matrix(model, loss, x, y, method="fast"):
         model: a Functional or built Sequential `keras.Model`.
         loss: a `keras.losses.Loss` or a callable returning unreduced
             per-example losses; the batch loss is their sum.
-        x: model input, `[batch, ...]`.
+        x: model input, `[batch, ...]`, or a list or dict of such inputs
+            for a model with several.
         y: targets, `[batch, ...]`.
         method: "fast" (closed forms) or "tape" (per-layer tape).
 
@@ -1059,7 +1065,7 @@ def gram_matrix(model, loss, x, y, method="fast"):
         raise ValueError(
             f"Invalid method={method!r}: expected 'fast' or 'tape'."
         )
-    x = tf.convert_to_tensor(x)
+    x = tf.nest.map_structure(tf.convert_to_tensor, x)
     with tf.GradientTape() as tape:
         taps = GramTaps(tape, gradient_scale=1.0, method=method)
         y_pred, calls = traced_call(model, x, training=True, taps=taps)

@@ -75,8 +75,8 @@ class FisherModel(keras.Model):
     The Gram matrix uses the sum convention: column i of J is the gradient of
     example i's loss, so J is B times what the mean-reduced training loss
     gives. The compiled loss must therefore reduce by
-    "sum_over_batch_size" (the Keras default), and loss scaling for mixed
-    precision is not supported. Weight decay, when set, is
+    "sum_over_batch_size" (the Keras default), and `compile` rejects loss
+    scaling for mixed precision. Weight decay, when set, is
     added to the gradients as `weight_decay * w` before the optimizer (L2
     regularisation, as Torch's SGD applies it) and is not part of J.
 
@@ -129,9 +129,9 @@ class FisherModel(keras.Model):
                 "Invalid eigenvalue_tolerance: expected a number in [0, 1). "
                 f"Received: eigenvalue_tolerance={eigenvalue_tolerance}"
             )
-        if weight_decay < 0:
+        if not 0 <= weight_decay < math.inf:
             raise ValueError(
-                "Invalid weight_decay: expected a number >= 0. "
+                "Invalid weight_decay: expected a finite number >= 0. "
                 f"Received: weight_decay={weight_decay}"
             )
         if gram_method not in ("fast", "tape"):
@@ -181,6 +181,16 @@ class FisherModel(keras.Model):
                 f"steps_per_execution={kwargs['steps_per_execution']}"
             )
         super().compile(*args, **kwargs)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            raise TypeError(
+                "FisherModel does not support loss scaling: its training "
+                "steps take the gradients of the unscaled loss, which a "
+                "LossScaleOptimizer would divide by the loss scale. "
+                f"Received: optimizer {self.optimizer.name!r} with dtype "
+                f"policy {self.dtype_policy.name!r}. Pass a plain optimizer "
+                "and train in float32, or pass auto_scale_loss=False to "
+                "compile."
+            )
 
     def fit(self, *args, callbacks=None, **kwargs):
         callbacks = list(callbacks or [])
@@ -264,7 +274,7 @@ class FisherModel(keras.Model):
             # loss.
             taps = gram.GramTaps(
                 tape,
-                gradient_scale=tf.shape(x)[0],
+                gradient_scale=tf.shape(tf.nest.flatten(x)[0])[0],
                 method=self.gram_method,
                 keep_kernel_gradients=True,
             )

@@ -145,12 +145,15 @@ RUN_FILES = (
 )
 
 
-def prepare_run_folder(output_dir, overwrite=False):
-    """Check that `output_dir` can take a new run, and clear old records.
+def check_run_folder(output_dir, overwrite=False):
+    """Check that `output_dir` can take a new run, without changing it.
 
     Args:
         output_dir: the run folder; it need not exist.
-        overwrite: delete the records of an earlier run found there.
+        overwrite: whether the records of an earlier run may be replaced.
+
+    Returns:
+        The names in `RUN_FILES` of the earlier run's records found there.
 
     Raises:
         ValueError: if `output_dir` is a file, or contains an earlier run's
@@ -171,7 +174,13 @@ def prepare_run_folder(output_dir, overwrite=False):
             f"({', '.join(existing)}). Pass --overwrite to replace it, or "
             "choose another --output_dir."
         )
-    for name in existing:
+    return existing
+
+
+def prepare_run_folder(output_dir, overwrite=False):
+    """Check `output_dir` as `check_run_folder` does, then delete the
+    records of an earlier run found there."""
+    for name in check_run_folder(output_dir, overwrite):
         path = os.path.join(output_dir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -216,8 +225,8 @@ class EpochRecorder(keras.callbacks.Callback):
         row.update(
             stage=self.stage,
             batch_size=self.batch_size,
-            learning_rate=float(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            learning_rate=fisher_callbacks.current_learning_rate(
+                self.model.optimizer
             ),
             num_iterations=self.running.num_iterations,
             num_samples=self.running.num_samples,
@@ -304,6 +313,14 @@ def check_batch_sizes(batch_sizes, num_train):
             )
 
 
+def check_run(config, num_train):
+    """Raise ValueError unless every stage's batch size fits the
+    `num_train` training examples."""
+    check_batch_sizes(
+        [stage.batch_size for stage in config.stages()], num_train
+    )
+
+
 def train(config, splits=None, model_class=FisherModel):
     """Train one run and write its folder. Return the summary dict.
 
@@ -321,7 +338,7 @@ def train(config, splits=None, model_class=FisherModel):
     stages = config.stages()
     if splits is None:
         splits = data.load_dataset(config.dataset, config.data_dir)
-    check_batch_sizes([stage.batch_size for stage in stages], splits.num_train)
+    check_run(config, splits.num_train)
     os.makedirs(config.output_dir, exist_ok=True)
     write_json_atomically(
         os.path.join(config.output_dir, "config.json"),

@@ -28,6 +28,7 @@ from absl import flags
 
 from tf_fisher import adaptive
 from tf_fisher import batch_size_policies
+from tf_fisher import cli
 from tf_fisher import data
 from tf_fisher import measures
 from tf_fisher import models
@@ -166,6 +167,18 @@ flags.DEFINE_float(
 )
 
 
+# NaN passes absl's lower_bound and upper_bound checks, so every float flag
+# also has this one.
+for _name in (
+    "learning_rate", "eigenvalue_tolerance", "momentum", "weight_decay",
+    "norm_test_theta", "noise_scale_smoothing", "noise_scale_multiplier",
+    "target_tolerance",
+):
+    flags.register_validator(
+        _name, math.isfinite, message="must be a finite number"
+    )
+
+
 @flags.validator("learning_rate", "must be a positive number")
 def _check_learning_rate(value):
     return value > 0
@@ -301,55 +314,47 @@ def _float_pair(name, values):
         pair = tuple(float(value) for value in values)
     except ValueError:
         pair = ()
-    if len(pair) != 2:
+    if len(pair) != 2 or not all(math.isfinite(value) for value in pair):
         raise ValueError(
-            f"Invalid --{name}={','.join(values)}: expected two numbers "
-            "low,high, such as 1000,30000."
+            f"Invalid --{name}={','.join(values)}: expected two finite "
+            "numbers low,high, such as 1000,30000."
         )
     return pair
 
 
-def _train(config):
-    """Train with the --adaptive policy if one is set, else with the
-    configured stages."""
-    if FLAGS.adaptive is None:
-        return run.train(config)
-    policy = policy_from_flags()
-    config = dataclasses.replace(config, schedule=f"adaptive-{policy.name}")
-    return adaptive.train_adaptive(config, policy)
-
-
-def parse_flags(argv):
-    """Parse the command line into FLAGS.
-
-    On an invalid flag, print the error and exit with status 2, the status
-    that `main` returns for every other invalid input.
-    """
-    try:
-        return FLAGS(argv)
-    except flags.Error as error:
-        print(
-            f"Error: {error}\nRun with --helpshort to list the flags.",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-
-
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    config = None
+    if not cli.check_arguments(argv, 0, "python -m tf_fisher.train [flags]"):
+        return 2
+    started = False
     try:
         config = config_from_flags()
+        policy = None
+        if FLAGS.adaptive is not None:
+            policy = policy_from_flags()
+            config = dataclasses.replace(
+                config, schedule=f"adaptive-{policy.name}"
+            )
+        # Every check runs before an earlier run's records are deleted.
+        run.check_run_folder(config.output_dir, FLAGS.overwrite)
+        splits = data.load_dataset(config.dataset, config.data_dir)
+        if policy is None:
+            run.check_run(config, splits.num_train)
+        else:
+            adaptive.check_run(config, policy, splits.num_train)
         run.prepare_run_folder(config.output_dir, FLAGS.overwrite)
-        summary = _train(config)
+        started = True
+        if policy is None:
+            summary = run.train(config, splits)
+        else:
+            summary = adaptive.train_adaptive(config, policy, splits)
     except (ValueError, data.DatasetNotFoundError) as error:
         # One plain line for the user; absl's log prefix would hide it.
         print(f"Error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if config is None:
-            raise
+        if not started:
+            print("Interrupted before training started.", file=sys.stderr)
+            return 130
         print(
             f"Interrupted. The rows written so far are kept in "
             f"{config.output_dir}; it has no summary.json. Rerun with "
@@ -361,4 +366,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -80,6 +80,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_fisher import cli
 from tf_fisher import data
 from tf_fisher import gram
 from tf_fisher import models
@@ -693,8 +694,8 @@ def settings_from_flags(flag_values=FLAGS):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not cli.check_arguments(argv, 0, "python -m tools.benchmark [flags]"):
+        return 2
     settings = settings_from_flags()
     std_logging.getLogger("tensorflow").addFilter(_DropExpectedWarnings())
     report = {
@@ -739,4 +740,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

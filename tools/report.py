@@ -424,9 +424,13 @@ class _GroupSection:
 def main(argv, flag_values=flags.FLAGS):
     """Write the report of the folder `argv[1]`; return the exit status."""
     if len(argv) != 2:
-        raise app.UsageError(
-            "Expected one folder: python -m tools.report RUNS_DIR [flags]"
+        # tf_fisher.cli would import TensorFlow, which the report never needs.
+        print(
+            "Error: expected one folder. Usage: python -m tools.report "
+            "RUNS_DIR [flags]",
+            file=sys.stderr,
         )
+        return 2
     try:
         path = write_report(
             argv[1], flag_values.output_dir, flag_values.reference,
