@@ -396,6 +396,38 @@ def test_fit_probe_matches_numpy_contributions(name, method):
     assert recorded["rank"] == expected["rank"] == 6
 
 
+def test_trained_mlp_spectrum_matches_float64(digits):
+    """After a few epochs, the gradients of fitted examples shrink and the
+    spectrum runs down to round-off, so c_k depends on where the nonzero
+    eigenvalues are cut. At each tolerance from 1e-9 up, the float32 Gram
+    gives the rank and c_k of J Jᵀ formed in float64."""
+    keras.utils.set_random_seed(1)
+    network = models.build_model("mlp", digits.input_shape, 10, seed=3)
+    network.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
+        loss=LOSS,
+    )
+    network.fit(
+        digits.train_images, digits.train_labels, batch_size=32, epochs=4,
+        verbose=0,
+    )
+    x, y = digit_batch(digits, 32)
+    jacobian = loop_jacobian(network, LOSS, x, y)
+    expected_gram = tf.constant(jacobian @ jacobian.T)
+    actual_gram = gram.gram_matrix(network, LOSS, x, y)
+    ranks = []
+    for tolerance in (1e-9, 1e-7, 1e-5):
+        actual = measures.spectrum_statistics(actual_gram, tolerance)
+        expected = measures.spectrum_statistics(expected_gram, tolerance)
+        assert float(actual["rank"]) == float(expected["rank"]), tolerance
+        assert float(actual["condition_number"]) == pytest.approx(
+            float(expected["condition_number"]), rel=1e-4
+        ), tolerance
+        ranks.append(float(expected["rank"]))
+    # The case under test: the cut falls inside the spectrum.
+    assert ranks[0] < 32
+
+
 # Closed forms ("fast") against the per-layer tape on awkward layers.
 
 

@@ -150,9 +150,26 @@ def test_load_study_errors(tmp_path):
 
 
 def test_every_shipped_config_is_valid():
+    """Each shipped study expands to one run per fixed batch size, learning
+    rate and seed of each grid, at least, in its own folder, and every
+    run's stages can be built."""
     for name in study_lib.available_configs():
         study = study_lib.load_study(name)
-        assert study_lib.expand(study, "o"), name
+        specs = study_lib.expand(study, "o")
+        folders = [spec.config.output_dir for spec in specs]
+        assert len(set(folders)) == len(specs), name
+        for grid in study.grids:
+            in_grid = [spec for spec in specs if spec.grid == grid.folder]
+            fixed = (
+                len(grid.batch_sizes) * len(grid.learning_rates)
+                * len(grid.seeds)
+            )
+            assert len(in_grid) >= fixed, (name, grid.folder)
+            for spec in in_grid:
+                assert spec.config.dataset == grid.dataset
+                assert spec.config.model == grid.model
+                assert spec.config.epochs == grid.epochs
+                assert spec.config.stages(), spec.name
 
 
 def test_select_grids():
