@@ -110,6 +110,19 @@ def define_flags():
         "noise_scale_multiplier", 1.0, "Target batch size of the "
         "noise-scale policy, in units of B_simple.",
     )
+    # The comparisons reject NaN, which absl's bounds let through.
+    flags.register_validator(
+        "learning_rate", lambda value: 0 < value < math.inf,
+        message="must be a positive finite number",
+    )
+    flags.register_validator(
+        "norm_test_theta", lambda value: 0 < value < 1,
+        message="must be a number in (0, 1), for example 0.9",
+    )
+    flags.register_validator(
+        "noise_scale_multiplier", lambda value: 0 < value < math.inf,
+        message="must be a positive finite number, for example 1.0",
+    )
 
 
 DATASET = "mnist5k"
@@ -543,19 +556,6 @@ def settings_from_flags():
                 "separated by commas."
             ) from None
 
-    for name, low, high in (
-        ("learning_rate", 0.0, math.inf),
-        ("norm_test_theta", 0.0, 1.0),
-        ("noise_scale_multiplier", 0.0, math.inf),
-    ):
-        value = FLAGS[name].value
-        if not low < value < high:
-            expected = (
-                "a positive finite number" if high == math.inf
-                else f"a number in ({low:g}, {high:g})"
-            )
-            raise ValueError(f"Invalid --{name}={value}: expected {expected}.")
-
     for name in FLAGS.policies:
         if name not in batch_size_policies.POLICY_NAMES:
             raise ValueError(
@@ -633,6 +633,7 @@ def main(argv):
         return 2
     try:
         settings = settings_from_flags()
+        run.check_folder_path(FLAGS.output_dir)
         os.makedirs(FLAGS.output_dir, exist_ok=True)
         lines = run_study(settings, FLAGS.output_dir)
     except ValueError as error:

@@ -22,13 +22,16 @@ figures.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging as python_logging
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -252,11 +255,7 @@ def run_sweep(study, output_dir, jobs=1, threads_per_job=0):
         raise ValueError(
             f"Invalid jobs={jobs!r}: expected a positive integer."
         )
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(
-            f"Invalid --output_dir={output_dir}: it is a file, not a folder. "
-            "Pass the path of a folder for the sweep."
-        )
+    run.check_folder_path(output_dir)
     specs = study_lib.expand(study, output_dir)
     outcomes = {}
     pending = []
@@ -334,7 +333,8 @@ def _train_pending(pending, jobs, threads):
             while running or (queue and quota):
                 while queue and quota and len(running) < jobs:
                     spec = queue.pop(0)
-                    future = pool.submit(train_in_worker, spec.config)
+                    with _interrupts_ignored():
+                        future = pool.submit(train_in_worker, spec.config)
                     running[future] = spec
                     quota -= 1
                 done, _ = concurrent.futures.wait(
@@ -356,8 +356,39 @@ def _train_pending(pending, jobs, threads):
                 finished += 1
                 _log_progress(outcome, finished, total, start)
                 yield outcome
+        except KeyboardInterrupt:
+            _stop_workers(pool)
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """Ignore SIGINT while `submit` starts worker processes.
+
+    A spawned worker keeps the ignored SIGINT, so Ctrl-C reaches only this
+    process, which stops the workers. Otherwise each worker would print its
+    own KeyboardInterrupt traceback. Signal handlers can change only in the
+    main thread, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_workers(pool):
+    """Terminate the worker processes of `pool` and drop its queued runs."""
+    # NOTE: `_processes` is private to ProcessPoolExecutor (checked on
+    # Python 3.11); Python 3.14 adds a public `terminate_workers`.
+    for process in list((pool._processes or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _PoolBroken(Exception):

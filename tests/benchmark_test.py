@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-from absl import app
 from absl import flags
 
 from tf_fisher import gram
@@ -169,8 +168,8 @@ def test_output_path_is_checked(tmp_path):
     nested = tmp_path / "new" / "folder" / "benchmark.json"
     benchmark.check_output_path(str(nested))
     assert nested.parent.is_dir()
-    with pytest.raises(app.UsageError, match="it is a folder"):
+    with pytest.raises(ValueError, match="it is a folder"):
         benchmark.check_output_path(str(tmp_path))
     (tmp_path / "afile").write_text("not a folder")
-    with pytest.raises(app.UsageError, match="part of its folder path"):
+    with pytest.raises(ValueError, match="part of its folder path"):
         benchmark.check_output_path(str(tmp_path / "afile" / "x.json"))

@@ -413,6 +413,9 @@ def test_fisher_model_rejects_loss_scale_optimizer():
     )
     with pytest.raises(TypeError, match="loss scaling"):
         model.compile(optimizer=optimizer, loss=LOSS)
+    assert not model.compiled
+    with pytest.raises(TypeError, match="loss scaling"):
+        model.compile(optimizer, LOSS)
 
 
 def test_fisher_model_rejects_mixed_float16_policy():

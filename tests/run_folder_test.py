@@ -8,6 +8,7 @@ from absl.testing import flagsaver
 from tests import report_test
 from tf_fisher import callbacks
 from tf_fisher import cli
+from tf_fisher import data
 from tf_fisher import run
 from tf_fisher import train as train_cli
 from tools import report
@@ -88,6 +89,28 @@ def test_unexpected_argument_exits_2(capsys):
         cli.parse_flags(["train"])
         assert train_cli.main(["train", "extra"]) == 2
     assert "unexpected arguments: extra" in capsys.readouterr().err
+
+
+def test_interrupt_before_training_writes_nothing(
+    monkeypatch, tmp_path, capsys
+):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "load_dataset", interrupted)
+    output_dir = tmp_path / "run"
+    assert run_cli(f"--output_dir={output_dir}") == 130
+    assert "before training started" in capsys.readouterr().err
+    assert not output_dir.exists()
+
+
+def test_output_dir_under_file_rejected(tmp_path, capsys):
+    path = tmp_path / "afile"
+    path.write_text("keep me")
+    assert run_cli(f"--output_dir={path / 'run'}", "--epochs=1") == 2
+    assert "is a file, so the folder cannot be created" in (
+        capsys.readouterr().err
+    )
 
 
 def test_output_dir_that_is_file_rejected(tmp_path, capsys):

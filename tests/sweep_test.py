@@ -1,10 +1,13 @@
 """Tests for experiments.study and experiments.sweep: grids, run folders,
 resuming, divergence, and one real sweep of two one-epoch MLP runs."""
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
 import textwrap
+import time
 
 import pytest
 from absl import flags
@@ -150,21 +153,29 @@ def test_load_study_errors(tmp_path):
 
 
 def test_every_shipped_config_is_valid():
-    """Each shipped study expands to one run per fixed batch size, learning
-    rate and seed of each grid, at least, in its own folder, and every
-    run's stages can be built."""
+    """Each shipped study expands to one run per seed and per fixed
+    configuration, beacon and schedule of each grid, each in its own
+    folder, and every run's stages can be built."""
     for name in study_lib.available_configs():
         study = study_lib.load_study(name)
         specs = study_lib.expand(study, "o")
         folders = [spec.config.output_dir for spec in specs]
         assert len(set(folders)) == len(specs), name
         for grid in study.grids:
+            fixed = {
+                (size, rate)
+                for size in grid.batch_sizes
+                for rate in grid.learning_rates
+            }
+            if grid.schedules:
+                beacon_sizes = grid.beacon_batch_sizes or grid.batch_sizes
+                fixed |= {
+                    (size, grid.schedule_learning_rate)
+                    for size in beacon_sizes
+                }
+            expected = len(grid.seeds) * (len(fixed) + len(grid.schedules))
             in_grid = [spec for spec in specs if spec.grid == grid.folder]
-            fixed = (
-                len(grid.batch_sizes) * len(grid.learning_rates)
-                * len(grid.seeds)
-            )
-            assert len(in_grid) >= fixed, (name, grid.folder)
+            assert len(in_grid) == expected, (name, grid.folder)
             for spec in in_grid:
                 assert spec.config.dataset == grid.dataset
                 assert spec.config.model == grid.model
@@ -269,6 +280,31 @@ def test_bad_flag_exits_2(capsys):
         cli.parse_flags(["sweep", "smoke", "--jobs=0"], values)
     assert exit_info.value.code == 2
     assert "--jobs=0" in capsys.readouterr().err
+
+
+def test_main_interrupted_exits_130(monkeypatch, tmp_path, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    values = parse_flags(f"--output_dir={tmp_path}")
+    assert sweep.main(["sweep", "smoke"], values) == 130
+    assert "run the same command again" in capsys.readouterr().err
+
+
+def test_stop_workers_terminates_processes():
+    pool = sweep._new_pool(2, 1)
+    futures = [pool.submit(time.sleep, 60) for _ in range(3)]
+    processes = list(pool._processes.values())
+    assert len(processes) == 2
+    sweep._stop_workers(pool)
+    for process in processes:
+        process.join(timeout=30)
+        assert not process.is_alive()
+    # Every run ends: a queued one is cancelled, the running ones fail.
+    for future in futures:
+        with contextlib.suppress(concurrent.futures.CancelledError):
+            assert future.exception(timeout=30) is not None
 
 
 def test_main_rejects_bad_config(capsys):

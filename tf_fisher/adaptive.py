@@ -234,7 +234,7 @@ def train_adaptive(config, policy, splits=None):
     _check_adaptive_config(config, policy)
     if splits is None:
         splits = data.load_dataset(config.dataset, config.data_dir)
-    check_run(config, policy, splits.num_train)
+    _check_sizes_fit_data(config, policy, splits.num_train)
     os.makedirs(config.output_dir, exist_ok=True)
     run.write_json_atomically(
         os.path.join(config.output_dir, "config.json"),

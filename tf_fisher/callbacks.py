@@ -29,7 +29,6 @@ EPOCH_KEYS = (
 ) + gradient_statistics.GRADIENT_KEYS
 
 
-
 def current_learning_rate(optimizer):
     """Return the learning rate that `optimizer` applies next, as a float.
 

@@ -1111,7 +1111,7 @@ def loop_gram_matrix(model, loss, x, y):
     """Reference: one forward and backward pass per example, then Jᵀ J.
 
     This is how the authors' Lua Torch code formed J. Valid for models without
-    cross-example layers. Returns float64.
+    cross-example layers and with one input tensor `x`. Returns float64.
     """
     weights = model.trainable_weights
     columns = []

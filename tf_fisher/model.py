@@ -180,17 +180,26 @@ class FisherModel(keras.Model):
                 "see every probed step. Received: "
                 f"steps_per_execution={kwargs['steps_per_execution']}"
             )
-        super().compile(*args, **kwargs)
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = kwargs.get("optimizer", args[0] if args else None)
+        adds_loss_scaling = kwargs.get("auto_scale_loss", True) and (
+            self.dtype_policy.name == "mixed_float16"
+        )
+        # Checked before Keras compiles, so that a rejected call leaves no
+        # compiled model behind.
+        if adds_loss_scaling or isinstance(
+            optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            if not isinstance(optimizer, str):
+                optimizer = type(optimizer).__name__
             raise TypeError(
                 "FisherModel does not support loss scaling: its training "
                 "steps take the gradients of the unscaled loss, which a "
                 "LossScaleOptimizer would divide by the loss scale. "
-                f"Received: optimizer {self.optimizer.name!r} with dtype "
-                f"policy {self.dtype_policy.name!r}. Pass a plain optimizer "
-                "and train in float32, or pass auto_scale_loss=False to "
-                "compile."
+                f"Received: optimizer {optimizer!r} with dtype policy "
+                f"{self.dtype_policy.name!r}. Pass a plain optimizer and "
+                "train in float32, or pass auto_scale_loss=False to compile."
             )
+        super().compile(*args, **kwargs)
 
     def fit(self, *args, callbacks=None, **kwargs):
         callbacks = list(callbacks or [])

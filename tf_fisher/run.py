@@ -145,6 +145,34 @@ RUN_FILES = (
 )
 
 
+def check_folder_path(path, flag="output_dir"):
+    """Check, without creating anything, that `path` is a folder or can be
+    created as one.
+
+    Raises:
+        ValueError: naming `--{flag}`, if `path` is a file, a part of it is
+            a file, or its nearest existing folder is not writable.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(
+            f"Invalid --{flag}={path}: it is a file, not a folder. Pass the "
+            "path of a folder."
+        )
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(
+            f"Invalid --{flag}={path}: {existing} is a file, so the folder "
+            "cannot be created. Pass a path whose parts are folders."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"Invalid --{flag}={path}: the folder {existing} is not "
+            "writable. Pass a folder that you can write to."
+        )
+
+
 def check_run_folder(output_dir, overwrite=False):
     """Check that `output_dir` can take a new run, without changing it.
 
@@ -156,14 +184,11 @@ def check_run_folder(output_dir, overwrite=False):
         The names in `RUN_FILES` of the earlier run's records found there.
 
     Raises:
-        ValueError: if `output_dir` is a file, or contains an earlier run's
-            records and `overwrite` is False.
+        ValueError: if `output_dir` cannot be a folder (see
+            `check_folder_path`), or contains an earlier run's records and
+            `overwrite` is False.
     """
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(
-            f"Invalid --output_dir={output_dir}: it is a file, not a folder. "
-            "Pass the path of a folder for the run."
-        )
+    check_folder_path(output_dir)
     existing = [
         name for name in RUN_FILES
         if os.path.exists(os.path.join(output_dir, name))

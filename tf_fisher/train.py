@@ -168,15 +168,12 @@ flags.DEFINE_float(
 
 
 # NaN passes absl's lower_bound and upper_bound checks, so every float flag
-# also has this one.
-for _name in (
-    "learning_rate", "eigenvalue_tolerance", "momentum", "weight_decay",
-    "norm_test_theta", "noise_scale_smoothing", "noise_scale_multiplier",
-    "target_tolerance",
-):
-    flags.register_validator(
-        _name, math.isfinite, message="must be a finite number"
-    )
+# of this module also has this one.
+for _flag in FLAGS.get_flags_for_module(__name__):
+    if isinstance(_flag.parser, flags.FloatParser):
+        flags.register_validator(
+            _flag.name, math.isfinite, message="must be a finite number"
+        )
 
 
 @flags.validator("learning_rate", "must be a positive number")

@@ -216,6 +216,10 @@ def define_flags(flag_values=flags.FLAGS):
         "batch_sizes", _check_batch_sizes, flag_values=flag_values
     )
     flags.register_validator(
+        "budget_seconds", math.isfinite, message="must be a finite number",
+        flag_values=flag_values,
+    )
+    flags.register_validator(
         "overhead_target", lambda value: 0 < value < 1,
         message="must be a fraction in (0, 1), for example 0.02 for 2%",
         flag_values=flag_values,
@@ -639,10 +643,10 @@ def format_table(report):
 
 
 def check_output_path(path):
-    """Create the folder of the JSON file `path`, or raise `app.UsageError`
-    naming --output when `path` cannot be written as a file."""
+    """Create the folder of the JSON file `path`, or raise ValueError naming
+    --output when `path` cannot be written as a file."""
     if os.path.isdir(path):
-        raise app.UsageError(
+        raise ValueError(
             f"Invalid --output={path}: it is a folder. Pass a file name, "
             f"for example {os.path.join(path, 'benchmark.json')}."
         )
@@ -650,12 +654,12 @@ def check_output_path(path):
     try:
         os.makedirs(directory, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as error:
-        raise app.UsageError(
+        raise ValueError(
             f"Invalid --output={path}: a part of its folder path is a file "
             f"({error.filename}). Pass a file in a folder."
         ) from error
     except OSError as error:
-        raise app.UsageError(
+        raise ValueError(
             f"Invalid --output={path}: cannot create its folder "
             f"({error.strerror}). Pass a file in a writable folder."
         ) from error
@@ -704,18 +708,17 @@ def main(argv):
         "settings": settings,
         "results": [],
     }
-    if FLAGS.output:
-        check_output_path(FLAGS.output)
     digits = data.load_dataset("mnist5k")
-    # Fails before any timing when a batch size exceeds the digits.
     try:
+        if FLAGS.output:
+            check_output_path(FLAGS.output)
+        # Fails before any timing when a batch size exceeds the digits.
         batch_of_digits(
             settings["models"][0], max(settings["batch_sizes"]), digits
         )
     except ValueError as error:
-        raise app.UsageError(
-            f"--batch_sizes={','.join(FLAGS.batch_sizes)}: {error}"
-        ) from error
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
     for model_name in settings["models"]:
         previous = {}
         for batch_size in settings["batch_sizes"]:
