@@ -54,7 +54,7 @@ cores of an AMD EPYC, more on a busy machine), from the repository root:
 
     python -m tools.benchmark --output=/tmp/benchmark.json
 
-Smoke test (about 20 seconds):
+Smoke test (20 to 40 seconds on 2 CPU cores):
 
     python -m tools.benchmark --quick
 """
