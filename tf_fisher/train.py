@@ -345,6 +345,10 @@ def main(argv):
         else:
             summary = adaptive.train_adaptive(config, policy, splits)
     except (ValueError, data.DatasetNotFoundError) as error:
+        if started:
+            # Past the checks, an error is a fault, not bad input: keep
+            # its traceback.
+            raise
         # One plain line for the user; absl's log prefix would hide it.
         print(f"Error: {error}", file=sys.stderr)
         return 2
