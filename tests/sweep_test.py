@@ -292,19 +292,34 @@ def test_main_interrupted_exits_130(monkeypatch, tmp_path, capsys):
     assert "run the same command again" in capsys.readouterr().err
 
 
+def process_ended(pid):
+    """Return True when process `pid` has exited (a zombie or reaped).
+
+    `Process.is_alive` cannot tell here: the pool's own thread may reap the
+    worker first, after which `is_alive` reports it alive for good.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            state = file.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
 def test_stop_workers_terminates_processes():
     pool = sweep._new_pool(2, 1)
     futures = [pool.submit(time.sleep, 60) for _ in range(3)]
-    processes = list(pool._processes.values())
-    assert len(processes) == 2
+    pids = [process.pid for process in pool._processes.values()]
+    assert len(pids) == 2
     sweep._stop_workers(pool)
-    for process in processes:
-        process.join(timeout=30)
-        assert not process.is_alive()
     # Every run ends: a queued one is cancelled, the running ones fail.
     for future in futures:
         with contextlib.suppress(concurrent.futures.CancelledError):
             assert future.exception(timeout=30) is not None
+    deadline = time.monotonic() + 30
+    while not all(process_ended(pid) for pid in pids):
+        assert time.monotonic() < deadline, pids
+        time.sleep(0.05)
 
 
 def test_main_rejects_bad_config(capsys):
