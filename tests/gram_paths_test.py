@@ -37,11 +37,16 @@ def assert_gram_close(actual, expected):
 
 
 def single_example_gram(model, x, y):
-    """J Jᵀ in float64 from one tape per example, J `[batch, P]`."""
+    """Return J Jᵀ in float64 from one tape per example, J `[batch, P]`.
+
+    `x` is a tensor, or a list or dict of them for a model with several
+    inputs.
+    """
     rows = []
-    for i in range(int(x.shape[0])):
+    for i in range(len(y)):
         with tf.GradientTape() as tape:
-            logits = model(x[i : i + 1], training=True)
+            example = tf.nest.map_structure(lambda t, i=i: t[i : i + 1], x)
+            logits = model(example, training=True)
             loss = tf.reduce_sum(LOSS.call(y[i : i + 1], logits))
         gradients = tape.gradient(loss, model.trainable_weights)
         rows.append(np.concatenate([np.ravel(g) for g in gradients]))
@@ -521,17 +526,7 @@ def test_two_input_model_matches_loop(structure):
     images = rng.normal(size=(7, 6, 6, 1)).astype(np.float32)
     features = rng.normal(size=(7, 3)).astype(np.float32)
     y = rng.integers(0, 3, size=7).astype(np.int32)
-    rows = []
-    for i in range(7):
-        with tf.GradientTape() as tape:
-            logits = network(
-                [images[i : i + 1], features[i : i + 1]], training=True
-            )
-            loss = tf.reduce_sum(LOSS.call(y[i : i + 1], logits))
-        gradients = tape.gradient(loss, network.trainable_weights)
-        rows.append(np.concatenate([np.ravel(g) for g in gradients]))
-    jacobian = np.stack(rows).astype(np.float64)
-    expected = jacobian @ jacobian.T
+    expected = single_example_gram(network, [images, features], y)
     if structure == "list":
         x = [images, features]
     else:

@@ -358,7 +358,7 @@ def test_callback_rejects_plain_keras_model(small_digits):
         )
 
 
-def test_current_learning_rate_reads_variable_and_schedule():
+def test_learning_rate_of_variable_and_schedule():
     optimizer = keras.optimizers.SGD(0.25)
     scheduled = keras.optimizers.SGD(
         keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
