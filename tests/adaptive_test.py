@@ -502,6 +502,29 @@ def test_cli_adaptive_run_changes_batch_size(tmp_path):
     steps = sum(math.ceil(4000 / size) for size in used)
     assert summary["measures"]["num_iterations"] == steps
     assert float(epochs[-1]["num_iterations"]) == steps
+    hparams = recorded_hparams(output_dir / "tensorboard")
+    assert hparams["schedule"] == "adaptive-norm_test"
+    assert hparams["batch_size"] == 64
+
+
+def recorded_hparams(folder):
+    """Return the hyperparameters of the HParams session start in the
+    TensorBoard event files of `folder`."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import metadata
+
+    (path,) = folder.glob("events.out.*")
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+        for value in event.summary.value:
+            if value.tag == metadata.SESSION_START_INFO_TAG:
+                start = metadata.parse_session_start_info_plugin_data(
+                    value.metadata.plugin_data.content
+                )
+                return {
+                    name: getattr(item, item.WhichOneof("kind"))
+                    for name, item in start.hparams.items()
+                }
+    raise AssertionError(f"No HParams session start in {path}")
 
 
 @pytest.mark.parametrize(

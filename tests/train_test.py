@@ -282,6 +282,91 @@ def test_tensorboard_scalars_match_csv(normal_run):
     }
 
 
+def hparams_dashboard(logdir):
+    """Return TensorBoard's HParams experiment and session groups for
+    `logdir`, as its dashboard requests them, with `logdir` loaded once.
+
+    NOTE: builds the TensorBoard app in process from `tensorboard.program`
+    and the local data ingester (checked on TensorBoard 2.21), and calls it
+    with werkzeug's test client, so no port is opened.
+    """
+    from tensorboard import default
+    from tensorboard import program
+    from tensorboard.backend import application
+    from tensorboard.backend.event_processing import data_ingester
+    from werkzeug import test as werkzeug_test
+
+    board = program.TensorBoard(plugins=default.get_plugins())
+    board.configure(argv=[
+        None, f"--logdir={logdir}", "--load_fast=false",
+        "--reload_task=blocking", "--reload_interval=0",
+    ])
+    ingester = data_ingester.LocalDataIngester(board.flags)
+    ingester.start()
+    client = werkzeug_test.Client(application.TensorBoardWSGIApp(
+        board.flags, board.plugin_loaders, ingester.data_provider,
+        board.assets_zip_provider, ingester.deprecated_multiplexer,
+    ))
+
+    def post(route, request):
+        response = client.post(
+            f"/data/plugin/hparams/{route}", data=json.dumps(request),
+            content_type="application/json",
+        )
+        assert response.status_code == 200, response.get_data()
+        return json.loads(response.get_data())
+
+    experiment = post("experiment", {"experimentName": ""})
+    groups = post("session_groups", {
+        "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN"],
+        "colParams": [], "startIndex": 0, "sliceSize": 100,
+    })["sessionGroups"]
+    return experiment, groups
+
+
+def test_hparams_dashboard_lists_run(normal_run):
+    folder = normal_run["folder"]
+    experiment, groups = hparams_dashboard(folder)
+    types = {info["name"]: info["type"] for info in experiment["hparamInfos"]}
+    assert types["dataset"] == types["schedule"] == "DATA_TYPE_STRING"
+    assert types["batch_size"] == types["learning_rate"] == "DATA_TYPE_FLOAT64"
+    metrics = {
+        (info["name"]["group"], info["name"]["tag"])
+        for info in experiment["metricInfos"]
+    }
+    assert ("fisher", "epoch_mean_condition_number") in metrics
+
+    (group,) = groups
+    (session,) = group["sessions"]
+    assert session["name"] == "tensorboard"
+    hparams = group["hparams"]
+    assert hparams["dataset"] == "mnist5k"
+    assert hparams["model"] == "mlp"
+    assert hparams["schedule"] == f"s{BATCH_SIZE}"
+    assert hparams["batch_size"] == BATCH_SIZE
+    assert hparams["learning_rate"] == pytest.approx(LEARNING_RATE)
+    assert hparams["fisher_interval"] == INTERVAL
+
+    # The dashboard shows the last value of each metric, from the last epoch.
+    values = {
+        (value["name"]["group"], value["name"]["tag"]): value["value"]
+        for value in session["metricValues"]
+    }
+    last = normal_run["epochs"][-1]
+    assert values[("fisher", "epoch_mean_condition_number")] == (
+        pytest.approx(last["mean_condition_number"], rel=1e-6)
+    )
+    assert values[("fisher", "epoch_cumulative_fisher_energy")] == (
+        pytest.approx(last["cumulative_fisher_energy"], rel=1e-6)
+    )
+    assert values[("validation", "epoch_accuracy")] == pytest.approx(
+        1 - last["test_error"], abs=1e-6
+    )
+    assert values[("train", "epoch_loss")] == pytest.approx(
+        last["loss"], rel=1e-5
+    )
+
+
 def test_divergence_stops_and_keeps_rows(runs):
     folder, code, stderr = runs["diverged"]
     assert code == 3, stderr

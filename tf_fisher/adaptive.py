@@ -248,6 +248,7 @@ def train_adaptive(config, policy, splits=None):
         config.output_dir,
     )
     model = run.build_fisher_model(config, splits)
+    run.write_hparams(config, _schedule_name(config, policy))
     summary = _fit_with_policy(model, config, splits, policy)
     run.write_json_atomically(
         os.path.join(config.output_dir, "summary.json"), summary
@@ -310,11 +311,15 @@ def _fit_with_policy(model, config, splits, policy):
             config.output_dir, fisher.diverged_at,
         )
     summary = run.run_summary(config, recorder, fisher, segments)
-    summary["schedule"] = config.schedule or f"adaptive-{policy.name}"
+    summary["schedule"] = _schedule_name(config, policy)
     summary["adaptive"] = policy.describe()
     summary["decisions"] = [decision.row() for decision in adaptive.decisions]
     summary["batch_sizes"] = [row["batch_size"] for row in recorder.rows]
     return summary
+
+
+def _schedule_name(config, policy):
+    return config.schedule or f"adaptive-{policy.name}"
 
 
 class _BatchSizeLogs(keras.callbacks.Callback):

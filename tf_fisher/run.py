@@ -7,7 +7,9 @@ A run folder holds:
   `tf_fisher.callbacks.SAMPLE_COLUMNS`), flushed as it comes.
 * `epochs.csv`: one row per epoch (`EPOCH_COLUMNS`), flushed as it comes.
 * `tensorboard/`: event files; `train/` and `validation/` from Keras'
-  TensorBoard callback, `fisher/` with the measures.
+  TensorBoard callback, `fisher/` with the measures, and in the folder
+  itself the hyperparameters for TensorBoard's HParams dashboard
+  (`write_hparams`).
 * `summary.json`: written atomically at the end, with `status` "completed"
   or "diverged".
 """
@@ -20,7 +22,15 @@ import shutil
 import time
 
 import keras
+import tensorflow as tf
 from absl import logging
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.hparams import api as hparams_api
+from tensorboard.plugins.hparams import api_pb2 as hparams_api_pb2
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams import (
+    plugin_data_pb2 as hparams_plugin_data_pb2,
+)
 
 from tf_fisher import callbacks as fisher_callbacks
 from tf_fisher import data
@@ -323,6 +333,105 @@ def build_fisher_model(config, splits, model_class=FisherModel):
     return model
 
 
+# The metrics of TensorBoard's HParams dashboard: (tag, folder of the event
+# files under `tensorboard/`, name shown).
+HPARAMS_METRICS = (
+    ("epoch_mean_condition_number", "fisher", "C̄_K"),
+    ("epoch_cumulative_fisher_energy", "fisher", "L_K"),
+    ("epoch_accuracy", "validation", "test accuracy"),
+    ("epoch_loss", "validation", "test loss"),
+    ("epoch_accuracy", "train", "train accuracy"),
+    ("epoch_loss", "train", "train loss"),
+)
+
+
+def run_hparams(config, schedule=None):
+    """Return the hyperparameters of a run, as TensorBoard records them.
+
+    Args:
+        config: the `RunConfig`.
+        schedule: the batch-size schedule's name. None takes
+            `config.schedule`, or when that is empty the stage batch sizes
+            as "s32" or "s32-s64".
+    """
+    if schedule is None:
+        schedule = config.schedule or "-".join(
+            f"s{size}" for size in config.batch_sizes
+        )
+    return {
+        "dataset": config.dataset,
+        "model": config.model,
+        "schedule": schedule,
+        "batch_size": int(config.batch_sizes[0]),
+        "learning_rate": float(config.learning_rate),
+        "epochs": int(config.epochs),
+        "seed": int(config.seed),
+        "fisher_interval": int(config.fisher_interval),
+        "eigenvalue_tolerance": float(config.eigenvalue_tolerance),
+        "momentum": float(config.momentum),
+        "weight_decay": float(config.weight_decay),
+    }
+
+
+def write_hparams(config, schedule=None):
+    """Record the run's hyperparameters in `tensorboard/` of its folder.
+
+    TensorBoard's HParams dashboard then lists every run under its
+    `--logdir`, a sweep's for example, in one table with its batch size,
+    learning rate and the last values of the `HPARAMS_METRICS`, and plots
+    them against each other. `batch_size` is the first stage's batch size,
+    and `schedule` names the sequence of sizes (see `run_hparams`).
+    """
+    values = run_hparams(config, schedule)
+    writer = tf.summary.create_file_writer(
+        os.path.join(config.output_dir, "tensorboard")
+    )
+    with writer.as_default():
+        tf.summary.experimental.write_raw_pb(
+            _hparams_experiment(values).SerializeToString(), step=0
+        )
+        hparams_api.hparams(values)
+    writer.close()
+
+
+def _hparams_experiment(values):
+    """Return the `Summary` that declares the HParams experiment.
+
+    It declares the `HPARAMS_METRICS`, so that the dashboard does not list
+    every scalar of the run as a metric, and the type of each value.
+    `hparams_api.hparams_config` sets a type only from a domain of values,
+    which one run of a sweep does not know.
+    """
+    experiment = hparams_api_pb2.Experiment(
+        hparam_infos=[
+            hparams_api_pb2.HParamInfo(
+                name=name,
+                type=hparams_api_pb2.DATA_TYPE_STRING
+                if isinstance(value, str)
+                else hparams_api_pb2.DATA_TYPE_FLOAT64,
+            )
+            for name, value in values.items()
+        ],
+        metric_infos=[
+            hparams_api_pb2.MetricInfo(
+                name=hparams_api_pb2.MetricName(group=group, tag=tag),
+                display_name=name,
+            )
+            for tag, group, name in HPARAMS_METRICS
+        ],
+        time_created_secs=time.time(),
+    )
+    summary = summary_pb2.Summary()
+    summary.value.add(
+        tag=hparams_metadata.EXPERIMENT_TAG,
+        metadata=hparams_metadata.create_summary_metadata(
+            hparams_plugin_data_pb2.HParamsPluginData(experiment=experiment)
+        ),
+        tensor=hparams_metadata.NULL_TENSOR,
+    )
+    return summary
+
+
 def check_batch_sizes(batch_sizes, num_train):
     """Raise ValueError unless every batch size is in [1, num_train]."""
     for size in batch_sizes:
@@ -375,6 +484,7 @@ def train(config, splits=None, model_class=FisherModel):
         len(splits.test_labels), config.epochs, config.output_dir,
     )
     model = build_fisher_model(config, splits, model_class)
+    write_hparams(config)
     summary = _fit_stages(model, config, splits, stages)
     write_json_atomically(
         os.path.join(config.output_dir, "summary.json"), summary
