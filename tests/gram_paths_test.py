@@ -533,6 +533,7 @@ def test_two_input_model_matches_loop(structure):
         x = {"images": images, "features": features}
 
     assert_gram_close(gram.gram_matrix(network, LOSS, x, y), expected)
+    assert_gram_close(gram.loop_gram_matrix(network, LOSS, x, y), expected)
     model = FisherModel(network, fisher_interval=1)
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS)
     model.fit(x, y, batch_size=7, epochs=1, verbose=0, shuffle=False)

@@ -435,3 +435,19 @@ def test_fisher_model_rejects_mixed_float16_policy():
 def test_fisher_model_rejects_non_model():
     with pytest.raises(TypeError, match="Dense"):
         FisherModel(keras.layers.Dense(3))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "nested"])
+def test_fisher_model_rejects_activity_regularizer(nested):
+    """The penalty's gradient would reach the layers before the regularized
+    one, in a nested model too."""
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(
+        5, activity_regularizer="l2", name="penalized"
+    )(keras.layers.Dense(5)(inputs))
+    network = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    if nested:
+        outer_inputs = keras.Input((4,))
+        network = keras.Model(outer_inputs, network(outer_inputs))
+    with pytest.raises(ValueError, match="'penalized' .*activity_regularizer"):
+        FisherModel(network)

@@ -33,9 +33,13 @@ per-example gradients. The blocks are:
   gradient of the batch loss at the layer output. These contributions sum to
   the batch gradient; for layers without cross-example coupling they equal the
   per-example gradients.
-* Any other layer with trainable weights: the gradients of its weights for each
-  example, from a `tf.GradientTape` around that layer alone, mapped over the
-  batch with `tf.vectorized_map`. One warning names the layer class.
+* Any other layer with trainable weights, including a subclass of `Dense`,
+  `Conv2D` or `BatchNormalization` that overrides its forward pass: the
+  gradients of its weights for each example, from a `tf.GradientTape` around
+  that layer alone, called with every argument of the recorded call and
+  mapped over the batch with `tf.vectorized_map`. One warning names the
+  layer class. A layer that draws random numbers in training (dropout
+  inside an `LSTM`) is rejected, because the tape would draw new ones.
 
 `gram_matrix` is the public entry point. `gram_matrix(..., method="tape")` (the
 per-layer tape for every layer), `whole_model_gram_matrix` (a whole-model
@@ -70,12 +74,23 @@ class LayerCall:
         layer: the Keras layer.
         inputs: the first positional argument of the call (a tensor or a
             nested structure of tensors), batch first.
-        output: the output tensor, `[batch, ...]`.
+        output: the output tensor, `[batch, ...]`, or a nested structure of
+            them for a layer with several outputs.
+        args: all positional arguments of the call; empty means
+            `(inputs,)`.
+        kwargs: the keyword arguments of the call other than `training`,
+            such as the second input of `MultiHeadAttention` or a mask.
     """
 
     layer: keras.layers.Layer
     inputs: object
-    output: tf.Tensor
+    output: object
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def arguments(self):
+        """Return `(args, kwargs)` as the layer was called."""
+        return self.args or (self.inputs,), self.kwargs
 
 
 def _functional_of(model):
@@ -154,8 +169,12 @@ def _trace_graph(model, inputs, training, calls, taps):
                     operation, args[0], training, calls, taps
                 )
             output = _call_with_training(operation, args, kwargs, training)
-            if operation.trainable_weights:
-                calls.append(LayerCall(operation, args[0], output))
+            # Operations other than layers (`inputs * 2.0`, `keras.ops.*`,
+            # masks) have no weights.
+            if getattr(operation, "trainable_weights", None):
+                calls.append(
+                    LayerCall(operation, args[0], output, args, dict(kwargs))
+                )
                 if taps is not None:
                     output = taps.tap(calls[-1])
             return output
@@ -163,6 +182,66 @@ def _trace_graph(model, inputs, training, calls, taps):
         return call
 
     return graph._run_through_graph(inputs, operation_fn=operation_fn)
+
+
+def loss_values(loss, y_true, y_pred):
+    """Return the unreduced loss values `[batch, ...]` of a Keras loss.
+
+    Where `y_pred` carries a Keras mask (from `Embedding(mask_zero=True)`
+    or `Masking`), masked values are zero, as in the loss Keras trains on.
+
+    Args:
+        loss: a `keras.losses.Loss` (its reduction is ignored), the name of
+            a Keras loss, or a callable `(y_true, y_pred) -> [batch, ...]`
+            of unreduced losses.
+        y_true: targets, batch first.
+        y_pred: model outputs, batch first.
+    """
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        values = loss.call(y_true, y_pred)
+    else:
+        values = loss(y_true, y_pred)
+    values = tf.convert_to_tensor(values)
+    mask = _loss_mask(y_pred, values)
+    return values if mask is None else values * mask
+
+
+def loss_value_count(loss, y_true, y_pred):
+    """Return the number of loss values that a "sum_over_batch_size" loss
+    averages: all values, or the unmasked ones when `y_pred` has a mask.
+
+    Keras divides the sum of the loss values by this number, so the
+    gradient of the mean loss times this number is the gradient of the
+    summed loss. A loss that returns one value for the whole batch counts
+    as a mean over the batch.
+    """
+    values = loss_values(loss, y_true, y_pred)
+    if values.shape.rank == 0:
+        return tf.shape(y_pred)[0]
+    mask = _loss_mask(y_pred, values)
+    if mask is None:
+        return tf.size(values)
+    return tf.reduce_sum(mask * tf.ones_like(values))
+
+
+def _loss_mask(y_pred, values):
+    """Return the Keras mask of `y_pred` as a float tensor broadcastable to
+    `values`, or None when it has none.
+
+    NOTE: Keras 3.15 keeps the mask of a TensorFlow tensor in its
+    `_keras_mask` attribute (`keras.src.backend.get_keras_mask`).
+    """
+    mask = getattr(y_pred, "_keras_mask", None)
+    if mask is None or values.shape.rank == 0:
+        return None
+    mask = tf.cast(mask, values.dtype)
+    while mask.shape.rank > values.shape.rank and mask.shape[-1] == 1:
+        mask = tf.squeeze(mask, axis=-1)
+    while mask.shape.rank < values.shape.rank:
+        mask = mask[..., tf.newaxis]
+    return mask
 
 
 def per_example_losses(loss, y_true, y_pred):
@@ -177,11 +256,7 @@ def per_example_losses(loss, y_true, y_pred):
     Returns:
         `[batch]` float tensor; any axes after the first are summed.
     """
-    if isinstance(loss, keras.losses.Loss):
-        values = loss.call(y_true, y_pred)
-    else:
-        values = loss(y_true, y_pred)
-    values = tf.convert_to_tensor(values)
+    values = loss_values(loss, y_true, y_pred)
     if values.shape.rank is not None and values.shape.rank > 1:
         values = tf.reduce_sum(values, axis=list(range(1, values.shape.rank)))
     return values
@@ -664,6 +739,13 @@ def _batch_norm_gram(layer, inputs, output_gradient, moments=None):
 
 
 def _check_batch_norm(layer):
+    if not _keeps_forward_pass(layer):
+        raise NotImplementedError(
+            f"Layer {layer.name!r}: {type(layer).__name__} subclasses "
+            "BatchNormalization and overrides its call, so tf_fisher cannot "
+            "form the per-example contributions of its weights. Use "
+            "keras.layers.BatchNormalization itself."
+        )
     if layer.renorm or layer.synchronized:
         raise NotImplementedError(
             f"Layer {layer.name!r}: BatchNormalization with renorm=True or "
@@ -677,7 +759,31 @@ def _check_batch_norm(layer):
         )
 
 
+# Methods that define the forward pass of each closed-form class. A subclass
+# that overrides one of them computes something else, so its block comes from
+# the per-example tape.
+_FORWARD_METHODS = {
+    keras.layers.Dense: ("call", "kernel"),
+    keras.layers.Conv2D: ("call", "convolution_op", "kernel"),
+    keras.layers.BatchNormalization: ("call",),
+}
+
+
+def _keeps_forward_pass(layer):
+    """Return True unless the class of `layer` overrides the forward pass of
+    the Keras class whose closed form `_closed_form_gram` uses."""
+    for base, names in _FORWARD_METHODS.items():
+        if isinstance(layer, base):
+            return all(
+                getattr(type(layer), name) is getattr(base, name)
+                for name in names
+            )
+    return False
+
+
 def _is_closed_form(layer):
+    if not _keeps_forward_pass(layer):
+        return False
     if isinstance(layer, keras.layers.Conv2D):
         return (
             layer.groups == 1
@@ -706,51 +812,125 @@ def _closed_form_gram(call, output_gradient, kernel_gradients, moments):
     )
 
 
-def _per_example_layer_gradients(layer, inputs, output_gradient):
+def _per_example_layer_gradients(
+    layer, inputs, output_gradient, args=None, kwargs=None
+):
     """Flattened per-example weight gradients `[batch, weights]` of one layer.
 
     A `tf.GradientTape` around the layer alone, applied to one example and
-    mapped over the batch. BatchNormalization is taken as the affine map
-    γ x̂_i + β with x̂ fixed by the batch statistics, so its per-example
-    gradients are the per-example contributions.
+    mapped over the batch. Every tensor argument of the call (for example
+    the value of a `MultiHeadAttention` or the mask of an `LSTM`) is split
+    into examples with the first one. BatchNormalization is taken as the
+    affine map γ x̂_i + β with x̂ fixed by the batch statistics, so its
+    per-example gradients are the per-example contributions.
+
+    Args:
+        layer: the Keras layer.
+        inputs: the first positional argument of the call, batch first.
+        output_gradient: gradient of the summed batch loss at the layer
+            output, with the structure of the output.
+        args: all positional arguments of the call; None means
+            `(inputs,)`.
+        kwargs: the keyword arguments of the call other than `training`.
     """
     weights = layer.trainable_weights
     if isinstance(layer, keras.layers.BatchNormalization):
         _check_batch_norm(layer)
-        inputs = _normalized_inputs(layer, inputs)
+        args, kwargs = (_normalized_inputs(layer, inputs),), {}
+        apply = _apply_batch_norm
+    else:
+        apply = _apply_layer
+    if args is None:
+        args = (inputs,)
+    leaves = tf.nest.flatten((tuple(args), dict(kwargs or {})))
+    tensor_indices = [i for i, leaf in enumerate(leaves) if tf.is_tensor(leaf)]
+    flat_gradients = tf.nest.flatten(output_gradient)
 
     def one_example(example):
-        example_inputs, example_gradient = example
-        batched = tf.nest.map_structure(lambda t: t[None], example_inputs)
-        with tf.GradientTape() as tape:
-            output = _apply_layer(layer, batched)
-        gradients = tape.gradient(
-            output,
-            weights,
-            output_gradients=example_gradient[None],
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        example_tensors, example_gradients = example
+        example_leaves = list(leaves)
+        for index, tensor in zip(tensor_indices, example_tensors):
+            example_leaves[index] = tensor[None]
+        example_args, example_kwargs = tf.nest.pack_sequence_as(
+            (tuple(args), dict(kwargs or {})), example_leaves
         )
-        return tf.concat([tf.reshape(g, [-1]) for g in gradients], axis=0)
+        with tf.GradientTape() as tape:
+            output = apply(layer, example_args, example_kwargs)
+        gradients = tape.gradient(
+            tf.nest.flatten(output),
+            weights,
+            output_gradients=[g[None] for g in example_gradients],
+        )
+        return flat_gradient(gradients, weights)
 
-    return tf.vectorized_map(one_example, (inputs, output_gradient))
-
-
-def _apply_layer(layer, inputs):
-    if isinstance(layer, keras.layers.BatchNormalization):
-        shape = [1] * inputs.shape.rank
-        shape[layer.axis] = inputs.shape[layer.axis]
-        output = inputs
-        if layer.scale:
-            output = output * tf.reshape(layer.gamma, shape)
-        if layer.center:
-            output = output + tf.reshape(layer.beta, shape)
-        return output
-    return _call_with_training(layer, (inputs,), {}, True)
+    return tf.vectorized_map(
+        one_example,
+        ([leaves[i] for i in tensor_indices], flat_gradients),
+    )
 
 
-def _tape_gram(layer, inputs, output_gradient):
-    per_example = _per_example_layer_gradients(layer, inputs, output_gradient)
+def _apply_layer(layer, args, kwargs):
+    return _call_with_training(layer, args, kwargs, True)
+
+
+def _apply_batch_norm(layer, args, kwargs):
+    """γ x̂ + β for normalised inputs `args[0]`; `kwargs` are not used."""
+    del kwargs
+    inputs = args[0]
+    shape = [1] * inputs.shape.rank
+    shape[layer.axis] = inputs.shape[layer.axis]
+    output = inputs
+    if layer.scale:
+        output = output * tf.reshape(layer.gamma, shape)
+    if layer.center:
+        output = output + tf.reshape(layer.beta, shape)
+    return output
+
+
+def _tape_gram(call, output_gradient):
+    args, kwargs = call.arguments()
+    per_example = _per_example_layer_gradients(
+        call.layer, call.inputs, output_gradient, args, kwargs
+    )
     return _flat_gram(per_example)
+
+
+# Attributes through which Keras layers set how they draw random numbers in
+# training: Dropout and its variants, RNN and attention dropout, noise.
+_RANDOM_ATTRIBUTES = ("rate", "dropout", "recurrent_dropout", "stddev")
+
+
+def _random_setting(layer):
+    """Return `(sublayer, attribute, value)` for the first layer in `layer`
+    (itself included) that draws random numbers in training, or None."""
+    # NOTE: `_flatten_layers` is the private Keras 3.15 walk over a layer
+    # and the layers it tracks, such as the cell of an LSTM.
+    for sublayer in layer._flatten_layers(include_self=True):
+        for name in _RANDOM_ATTRIBUTES:
+            value = getattr(sublayer, name, None)
+            is_number = isinstance(value, (int, float)) and not isinstance(
+                value, bool
+            )
+            if is_number and value > 0:
+                return sublayer, name, value
+    return None
+
+
+def _check_not_random(layer):
+    """Raise if the per-example tape of `layer` would draw new random
+    numbers, so that its block would not belong to the training step."""
+    setting = _random_setting(layer)
+    if setting is None:
+        return
+    sublayer, name, value = setting
+    raise NotImplementedError(
+        f"Layer {layer.name!r} ({type(layer).__name__}) draws random "
+        f"numbers in training ({sublayer.name}.{name}={value}). tf_fisher "
+        "forms its Gram block by running it again on each example, which "
+        "would draw new random numbers, so the block would not match the "
+        f"training step. Set {name}=0 in the layer; a keras.layers.Dropout "
+        "layer before or after it is supported."
+    )
 
 
 def _warn_fallback(layer):
@@ -762,7 +942,9 @@ def _warn_fallback(layer):
         f"tf_fisher has no closed-form Gram block for layers of class {name} "
         f"(first seen: {layer.name!r}); their per-example gradients come "
         "from a vectorized per-example tape, which is slower. Closed forms "
-        "exist for Dense, Conv2D and BatchNormalization.",
+        "exist for Dense, for Conv2D with groups=1 and channels_last data, "
+        "and for BatchNormalization, in classes that keep their forward "
+        "pass.",
         stacklevel=3,
     )
 
@@ -789,9 +971,10 @@ def _layer_gram(
         return _closed_form_gram(
             call, output_gradient, kernel_gradients, moments
         )
+    _check_not_random(call.layer)
     if method == "fast":
         _warn_fallback(call.layer)
-    return _tape_gram(call.layer, call.inputs, output_gradient)
+    return _tape_gram(call, output_gradient)
 
 
 def check_traced_weights(model, calls):
@@ -895,16 +1078,26 @@ class GramTaps:
         self, tape, gradient_scale, method="fast", keep_kernel_gradients=False
     ):
         self._tape = tape
-        self._scale = tf.cast(gradient_scale, tf.float32)
+        self.set_gradient_scale(gradient_scale)
         self._method = method
         self._keep_kernel_gradients = keep_kernel_gradients
         self.sources = []
         self._block_indices = []
         self._kernel_indices = {}
 
+    def set_gradient_scale(self, gradient_scale):
+        """Set `gradient_scale`; the blocks read it in the backward pass, so
+        it may be set after the forward pass, once the loss is known."""
+        self._scale = tf.cast(gradient_scale, tf.float32)
+
     def tap(self, call):
-        """Return `call.output` through an identity that forms its block."""
-        batch = tf.shape(call.output)[0]
+        """Return `call.output` through an identity that forms its block.
+
+        A layer with several outputs (an `LSTM` with `return_state=True`)
+        gets one identity over all of them, so its block gets the gradient
+        at each.
+        """
+        batch = tf.shape(tf.nest.flatten(call.output)[0])[0]
         sources = [tf.zeros([batch, batch])]
         layer = call.layer
         keep_kernel = (
@@ -920,35 +1113,52 @@ class GramTaps:
         self._block_indices.append(len(self.sources))
         self.sources.extend(sources)
         moments = None
-        if self._method == "fast" and isinstance(
-            layer, keras.layers.BatchNormalization
+        if (
+            self._method == "fast"
+            and isinstance(layer, keras.layers.BatchNormalization)
+            and _is_closed_form(layer)
         ):
             # In the forward pass, where the layer computes the same ones.
             moments = _batch_moments(layer, call.inputs)
-        identity = self._identity(call, keep_kernel, moments)
-        return identity(call.output, *sources)
+        outputs = tf.nest.flatten(call.output)
+        identity = self._identity(call, len(outputs), keep_kernel, moments)
+        tapped = identity(*outputs, *sources)
+        for output, tapped_output in zip(outputs, tapped):
+            _copy_keras_mask(output, tapped_output)
+        return tf.nest.pack_sequence_as(call.output, tapped)
 
-    def _identity(self, call, keep_kernel, moments):
+    def _identity(self, call, count, keep_kernel, moments):
         @tf.custom_gradient
-        def identity(output, *sources):
-            def backward(upstream):
+        def identity(*tensors):
+            outputs = tensors[:count]
+
+            def backward(*upstreams):
+                # An output that the loss does not reach has a zero gradient.
+                upstreams = [
+                    tf.zeros_like(output) if upstream is None else upstream
+                    for output, upstream in zip(outputs, upstreams)
+                ]
+                upstream = tf.nest.pack_sequence_as(call.output, upstreams)
                 # Every block is quadratic in the output gradient, so it is
                 # formed from the gradient of the differentiated loss and
                 # scaled once, with no full-size scaled copy of the gradient.
                 kernel_gradients = {}
                 block = _layer_gram(
-                    _after(upstream, call), upstream, self._method,
+                    _after(upstreams, call), upstream, self._method,
                     kernel_gradients, moments,
                 )
                 block *= tf.square(self._scale)
-                gradients = [_held_until(block, upstream, call), block]
+                gradients = [
+                    _held_until(block, gradient, call) for gradient in upstreams
+                ]
+                gradients.append(block)
                 if keep_kernel:
                     gradients.append(
                         kernel_gradients.get(id(call.layer.kernel))
                     )
                 return gradients
 
-            return tf.identity(output), backward
+            return [tf.identity(output) for output in outputs], backward
 
         return identity
 
@@ -1028,10 +1238,30 @@ def _after(tensor, call):
     stay in memory until the gradient arrives. Measured on ResNet-20 at
     batch 128, that doubled the peak memory of the step.
     """
-    with tf.control_dependencies([tensor]):
-        inputs = tf.nest.map_structure(tf.identity, call.inputs)
-        output = tf.identity(call.output)
-    return LayerCall(call.layer, inputs, output)
+    def read_after(structure):
+        return tf.nest.map_structure(
+            lambda leaf: tf.identity(leaf) if tf.is_tensor(leaf) else leaf,
+            structure,
+        )
+
+    with tf.control_dependencies(tf.nest.flatten(tensor)):
+        inputs = read_after(call.inputs)
+        output = read_after(call.output)
+        args = read_after(tuple(call.args))
+        kwargs = read_after(dict(call.kwargs))
+    return LayerCall(call.layer, inputs, output, args, kwargs)
+
+
+def _copy_keras_mask(source, target):
+    """Give `target` the Keras mask of `source`, if it has one, so that the
+    layers and the loss after a tap mask the same positions.
+
+    NOTE: Keras 3.15 keeps the mask of a TensorFlow tensor in its
+    `_keras_mask` attribute (`keras.src.backend.set_keras_mask`).
+    """
+    mask = getattr(source, "_keras_mask", None)
+    if mask is not None:
+        target._keras_mask = mask
 
 
 def gram_matrix(model, loss, x, y, method="fast"):
@@ -1074,6 +1304,22 @@ def gram_matrix(model, loss, x, y, method="fast"):
     return taps.gram(tape.gradient(total, taps.sources))
 
 
+def flat_gradient(gradients, weights):
+    """Concatenate the gradients of `weights` into one vector.
+
+    A None gradient, of a weight that the loss does not reach, counts as
+    zeros. (`tf.UnconnectedGradients.ZERO` fails on Keras 3 variables.)
+    Sparse gradients, such as an `Embedding`'s, are made dense.
+    """
+    parts = [
+        tf.zeros([math.prod(weight.shape)], weight.dtype)
+        if gradient is None
+        else tf.reshape(tf.convert_to_tensor(gradient), [-1])
+        for weight, gradient in zip(weights, gradients)
+    ]
+    return tf.concat(parts, axis=0)
+
+
 def per_example_gradients(model, loss, x, y):
     """Return J as `[batch, P]`, from a whole-model `tf.vectorized_map`.
 
@@ -1090,10 +1336,7 @@ def per_example_gradients(model, loss, x, y):
             total = tf.reduce_sum(
                 per_example_losses(loss, example_y[None], y_pred)
             )
-        gradients = tape.gradient(
-            total, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        return tf.concat([tf.reshape(g, [-1]) for g in gradients], axis=0)
+        return flat_gradient(tape.gradient(total, weights), weights)
 
     return tf.vectorized_map(one_example, (x, y))
 
@@ -1111,19 +1354,19 @@ def loop_gram_matrix(model, loss, x, y):
     """Reference: one forward and backward pass per example, then Jᵀ J.
 
     This is how the authors' Lua Torch code formed J. Valid for models without
-    cross-example layers and with one input tensor `x`. Returns float64.
+    cross-example layers; `x` may be a tensor or a nested structure of them,
+    as a model with several inputs takes. Returns float64.
     """
     weights = model.trainable_weights
+    x = tf.nest.map_structure(tf.convert_to_tensor, x)
     columns = []
-    for i in range(int(x.shape[0])):
+    for i in range(int(tf.nest.flatten(x)[0].shape[0])):
+        example = tf.nest.map_structure(
+            lambda tensor, i=i: tensor[i : i + 1], x
+        )
         with tf.GradientTape() as tape:
-            y_pred = model(x[i : i + 1], training=True)
+            y_pred = model(example, training=True)
             total = tf.reduce_sum(per_example_losses(loss, y[i : i + 1], y_pred))
-        gradients = tape.gradient(
-            total, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        columns.append(
-            tf.concat([tf.reshape(g, [-1]) for g in gradients], axis=0)
-        )
+        columns.append(flat_gradient(tape.gradient(total, weights), weights))
     jacobian = tf.cast(tf.stack(columns), tf.float64)
     return _row_products(jacobian)

@@ -279,11 +279,9 @@ class FisherModel(keras.Model):
         """
         weights = self.trainable_variables
         with tf.GradientTape() as tape:
-            # The compiled loss is a batch mean: times B gives the summed
-            # loss.
             taps = gram.GramTaps(
                 tape,
-                gradient_scale=tf.shape(tf.nest.flatten(x)[0])[0],
+                gradient_scale=1.0,
                 method=self.gram_method,
                 keep_kernel_gradients=True,
             )
@@ -291,6 +289,9 @@ class FisherModel(keras.Model):
                 self.network, x, training=True, taps=taps
             )
             loss = self._tracked_loss(x, y, y_pred, sample_weight)
+        # The compiled loss is a mean over its loss values: times their
+        # number it gives the summed loss.
+        taps.set_gradient_scale(self._loss_value_count(x, y, y_pred))
         gram.check_traced_weights(self.network, calls)
         gradient_list = tape.gradient(loss, list(weights) + taps.sources)
         weight_gradients = gradient_list[: len(weights)]
@@ -302,6 +303,39 @@ class FisherModel(keras.Model):
                 for w, g in zip(weights, weight_gradients)
             ]
         return y_pred, weight_gradients, taps.gram(source_gradients)
+
+    def _loss_value_count(self, x, y, y_pred):
+        """Return the number of loss values the compiled loss averages.
+
+        With "sum_over_batch_size", Keras divides the sum of the loss values
+        by their number. That is B when each example has one value, and B·T
+        when an output has T positions per example (a label per time step).
+        When the output has a Keras mask, only the unmasked values count.
+        The per-example loss, as in `tf_fisher.gram.per_example_losses`, is
+        the sum of that example's values.
+
+        Raises:
+            NotImplementedError: for a model with several outputs, one of
+                which has more than one loss value per example, as the
+                outputs' means then have different divisors.
+        """
+        batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        losses = [
+            loss for loss in tf.nest.flatten(self.loss) if loss is not None
+        ]
+        if tf.nest.is_nested(y_pred):
+            for output in tf.nest.flatten(y_pred):
+                if output.shape.rank is not None and output.shape.rank > 2:
+                    raise NotImplementedError(
+                        "FisherModel supports several outputs only when "
+                        "each has one loss value per example, that is "
+                        "outputs of shape [batch, classes]. Received an "
+                        f"output of shape {output.shape}."
+                    )
+            return batch
+        if len(losses) != 1:
+            return batch
+        return gram.loss_value_count(losses[0], y, y_pred)
 
     def _tracked_loss(self, x, y, y_pred, sample_weight):
         loss = self.compute_loss(
@@ -340,6 +374,18 @@ def _check_model(model):
             "Sequential model built with an input shape. Rebuild it with "
             "`keras.Input`."
         )
+    # NOTE: `_flatten_layers` is the private Keras 3.15 walk over a model and
+    # every layer it tracks, nested models included.
+    for layer in model._flatten_layers(include_self=False):
+        if getattr(layer, "activity_regularizer", None) is not None:
+            raise ValueError(
+                f"FisherModel does not support activity regularization: "
+                f"layer {layer.name!r} ({type(layer).__name__}) has an "
+                "activity_regularizer. Its gradient flows back through the "
+                "layers before it and would enter their per-example "
+                "gradients. Remove it; kernel and bias regularizers are "
+                "supported and are left out of the Gram matrix."
+            )
 
 
 def _check_positive_int(name, value):

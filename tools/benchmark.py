@@ -286,10 +286,7 @@ def loop_gram(network, loss, x, y):
             total = tf.reduce_sum(
                 gram.per_example_losses(loss, y[index : index + 1], y_pred)
             )
-        gradients = tape.gradient(
-            total, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        row = tf.concat([tf.reshape(g, [-1]) for g in gradients], axis=0)
+        row = gram.flat_gradient(tape.gradient(total, weights), weights)
         return index + 1, rows.write(index, row)
 
     _, rows = tf.while_loop(
