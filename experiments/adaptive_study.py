@@ -549,12 +549,15 @@ def settings_from_flags():
     """
     def integers(name, values):
         try:
-            return [int(value) for value in values]
+            numbers = [int(value) for value in values]
         except ValueError:
+            numbers = []
+        if not numbers:
             raise ValueError(
                 f"Invalid --{name}={','.join(values)}: expected integers "
-                "separated by commas."
-            ) from None
+                "separated by commas, such as 32,512."
+            )
+        return numbers
 
     for name in FLAGS.policies:
         if name not in batch_size_policies.POLICY_NAMES:
@@ -581,13 +584,13 @@ def warm_up(settings, output_dir, splits):
     """Train one throw-away epoch, so that TensorFlow's one-time start-up
     cost does not land in the wall time of the study's first run."""
     folder = tempfile.mkdtemp(prefix="warm_up_", dir=output_dir)
-    config = run.RunConfig(
-        dataset=DATASET, model=MODEL, epochs=1,
-        learning_rate=settings["learning_rate"],
-        batch_sizes=(max(settings["fixed_sizes"]),),
-        fisher_interval=settings["fisher_interval"], output_dir=folder,
-    )
     try:
+        config = run.RunConfig(
+            dataset=DATASET, model=MODEL, epochs=1,
+            learning_rate=settings["learning_rate"],
+            batch_sizes=(max(settings["fixed_sizes"]),),
+            fisher_interval=settings["fisher_interval"], output_dir=folder,
+        )
         run.train(config, splits=splits)
     finally:
         shutil.rmtree(folder)
@@ -639,6 +642,13 @@ def main(argv):
     except ValueError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "Interrupted. The finished runs are kept; run the same command "
+            "again to train the rest.",
+            file=sys.stderr,
+        )
+        return 130
     for line in lines:
         logging.info("%s", line)
     return 0

@@ -14,6 +14,7 @@ A configuration module (see `experiments/configs/`) defines `get_study()`,
 which returns a `Study`.
 """
 
+import collections.abc
 import dataclasses
 import importlib
 import importlib.util
@@ -165,7 +166,7 @@ def _check_grid(grid):
     _check_positive_numbers(
         [grid.schedule_learning_rate], "schedule_learning_rate", where
     )
-    seeds = list(grid.seeds)
+    seeds = _as_list(grid.seeds, "seeds", where)
     if not seeds or any(
         isinstance(seed, bool) or not isinstance(seed, int) for seed in seeds
     ):
@@ -175,7 +176,7 @@ def _check_grid(grid):
         )
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"Repeated seed in {where}: {grid.seeds!r}.")
-    for name in grid.schedules:
+    for name in _as_list(grid.schedules, "schedules", where):
         try:
             schedules.parse_schedule(name, grid.epochs)
         except ValueError as error:
@@ -183,8 +184,23 @@ def _check_grid(grid):
     _check_options(grid.options, where)
 
 
+def _as_list(values, field, where):
+    """Return `values` as a list. A single value or a string in place of a
+    tuple raises ValueError, where `list` would fail or split the string."""
+    if isinstance(values, str | bytes) or not isinstance(
+        values, collections.abc.Iterable
+    ):
+        # ValueError, as for every invalid grid field: the sweep reports it
+        # as invalid input.
+        raise ValueError(  # noqa: TRY004
+            f"Invalid {field} in {where}: expected a tuple, such as "
+            f"({values!r},). Received: {values!r}."
+        )
+    return list(values)
+
+
 def _check_positive_ints(values, field, where):
-    values = list(values)
+    values = _as_list(values, field, where)
     if not values or any(
         isinstance(value, bool) or not isinstance(value, int) or value < 1
         for value in values
@@ -196,7 +212,7 @@ def _check_positive_ints(values, field, where):
 
 
 def _check_positive_numbers(values, field, where):
-    values = list(values)
+    values = _as_list(values, field, where)
     if not values or any(
         isinstance(value, bool)
         or not isinstance(value, int | float)

@@ -11,7 +11,11 @@ A run whose folder has a `summary.json` is finished, whether it completed or
 diverged, and is skipped. A folder without one contains an interrupted run,
 so its files are deleted and the run starts again. A run that raises an
 error is logged and left unfinished, so the next sweep retries it. The
-sweep itself goes on, and exits with status 1 at the end.
+sweep itself goes on, and exits with status 1 at the end. A dataset that is
+not prepared stops the sweep before it writes anything, with status 2.
+Ctrl-C (status 130) or SIGTERM (status 143) stops the sweep and its
+workers, and a worker ends by itself when the sweep process is killed. The
+same command then resumes.
 
 Runs train in `--jobs` worker processes (started with "spawn"), each of
 which imports TensorFlow once and trains runs one after the other. The
@@ -27,6 +31,7 @@ import dataclasses
 import json
 import logging as python_logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -41,6 +46,7 @@ from absl import logging
 
 from experiments import study as study_lib
 from tf_fisher import cli
+from tf_fisher import data
 from tf_fisher import run
 
 
@@ -250,6 +256,8 @@ def run_sweep(study, output_dir, jobs=1, threads_per_job=0):
     Raises:
         ValueError: for an invalid study or a run folder that contains
             another configuration, raised before any training starts.
+        tf_fisher.data.DatasetNotFoundError: if the dataset of a run to
+            train is not prepared, raised before anything is written.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(
@@ -266,9 +274,20 @@ def run_sweep(study, output_dir, jobs=1, threads_per_job=0):
             pending.append(spec)
         else:
             outcomes[spec.name] = _skipped(spec, summary)
+    # Every run of a grid would fail on a missing dataset, each with its
+    # own traceback, so the sweep checks the data before it starts.
+    for dataset, data_dir in dict.fromkeys(
+        (spec.config.dataset, spec.config.data_dir) for spec in pending
+    ):
+        data.check_prepared(dataset, data_dir)
     os.makedirs(output_dir, exist_ok=True)
-    record = _sweep_record(study, specs)
     record_path = os.path.join(output_dir, "sweep.json")
+    record = _sweep_record(study, specs)
+    # A sweep with nothing to train keeps the record of the last one that
+    # trained, which the report shows.
+    last_sweep = _read_last_sweep(record_path)
+    if not pending and last_sweep:
+        record["last_sweep"] = last_sweep
     run.write_json_atomically(record_path, record)
     start = time.time()
     logging.info(
@@ -291,6 +310,16 @@ def run_sweep(study, output_dir, jobs=1, threads_per_job=0):
         }
         run.write_json_atomically(record_path, record)
     return [outcomes[spec.name] for spec in specs]
+
+
+def _read_last_sweep(record_path):
+    """Return the "last_sweep" entry of a sweep.json, or None if the file
+    is missing, unreadable or has no such entry."""
+    try:
+        with open(record_path) as file:
+            return json.load(file).get("last_sweep")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _skipped(spec, summary):
@@ -447,7 +476,9 @@ def format_duration(seconds):
 
 
 def _init_worker(threads):
-    """Set up a worker process: quiet TensorFlow, set its thread counts."""
+    """Set up a worker process: end it with the sweep, quiet TensorFlow, and
+    set its thread counts."""
+    _exit_with_parent()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -464,6 +495,30 @@ def _init_worker(threads):
         python_logging.Formatter("%(levelname)s worker: %(message)s")
     )
     absl_logger.addHandler(console)
+
+
+def _exit_with_parent():
+    """End this worker process as soon as the sweep process ends.
+
+    A sweep killed with SIGKILL cannot stop its workers. Left running, a
+    worker would finish its run and write its summary.json into a folder
+    that the next sweep has cleared and is training again, so that folder
+    would look finished while its CSV files held a partial run. A thread
+    waits on the parent's sentinel, which becomes ready when the parent
+    exits, and then ends the process; its unfinished run is trained again
+    by the next sweep.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def wait_for_parent():
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(
+        target=wait_for_parent, name="exit_with_parent", daemon=True
+    ).start()
 
 
 def train_in_worker(config):
@@ -512,8 +567,6 @@ _SPLITS = {}
 
 
 def _load_splits(config):
-    from tf_fisher import data
-
     key = (config.dataset, config.data_dir)
     if key not in _SPLITS:
         _SPLITS.clear()
@@ -533,7 +586,7 @@ def _log_to_file(path):
 def main(argv, flag_values=flags.FLAGS):
     """Run the sweep of the configuration named in `argv[1]`; return the
     exit status (0 done, 1 some runs failed, 2 invalid input, 130
-    interrupted)."""
+    interrupted by Ctrl-C, 143 stopped by SIGTERM)."""
     usage = (
         "python -m experiments.sweep CONFIG [flags], with CONFIG one of "
         f"{', '.join(study_lib.available_configs())}."
@@ -542,28 +595,28 @@ def main(argv, flag_values=flags.FLAGS):
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        study = study_lib.load_study(argv[1])
-        study = select_grids(study, flag_values.grids)
-        study = with_data_dir(study, flag_values.data_dir)
-        output_dir = flag_values.output_dir or os.path.join(
-            "runs", study.name
-        )
-        if flag_values.dry_run:
-            _list_runs(study, output_dir)
-            return 0
-        outcomes = run_sweep(
-            study, output_dir, flag_values.jobs, flag_values.threads_per_job
-        )
-    except ValueError as error:
+        with _terminated_as_interrupt():
+            study = _load_study(argv[1], flag_values)
+            output_dir = flag_values.output_dir or os.path.join(
+                "runs", study.name
+            )
+            if flag_values.dry_run:
+                _list_runs(study, output_dir)
+                return 0
+            outcomes = run_sweep(
+                study, output_dir, flag_values.jobs,
+                flag_values.threads_per_job,
+            )
+    except (ValueError, data.DatasetNotFoundError) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(
             "Interrupted. The finished runs are kept; run the same command "
             "again to train the rest.",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(interrupt, _Terminated) else 130
     counts = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -575,7 +628,52 @@ def main(argv, flag_values=flags.FLAGS):
     return 1 if counts.get("failed") else 0
 
 
+def _load_study(spec, flag_values):
+    """Return the study of `spec` with the --grids and --data_dir flags
+    applied.
+
+    Raises:
+        ValueError: for a configuration that is not found or invalid,
+            including one whose get_study is missing or returns no Study.
+    """
+    try:
+        study = study_lib.load_study(spec)
+    except TypeError as error:
+        raise ValueError(str(error)) from error
+    study = select_grids(study, flag_values.grids)
+    return with_data_dir(study, flag_values.data_dir)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM reached the sweep."""
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupt():
+    """Make SIGTERM stop the sweep as Ctrl-C does.
+
+    Python's default SIGTERM ends the process at once, without stopping its
+    worker processes, which would go on training (see `_exit_with_parent`).
+    Here SIGTERM raises `_Terminated`, a KeyboardInterrupt, so the sweep
+    terminates its workers first. Signal handlers can change only in the
+    main thread, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _list_runs(study, output_dir):
+    run.check_folder_path(output_dir)
     specs = study_lib.expand(study, output_dir)
     for spec in specs:
         summary = finished_summary(spec)

@@ -4,6 +4,8 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -632,3 +634,18 @@ def test_study_welch_p_value():
     assert study.welch_p_value(first, second) == pytest.approx(expected)
     assert math.isnan(study.welch_p_value([0.05], second))
     assert math.isnan(study.welch_p_value([0.05, 0.05], [0.04, 0.04]))
+
+
+def test_study_rejects_empty_size_list(tmp_path):
+    """An empty --fixed_sizes is named, exits with status 2, and leaves no
+    warm-up folder behind."""
+    output_dir = tmp_path / "study"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.adaptive_study",
+         f"--output_dir={output_dir}", "--fixed_sizes="],
+        check=False, capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Invalid --fixed_sizes=: expected integers" in result.stderr
+    assert not output_dir.exists() or os.listdir(output_dir) == []

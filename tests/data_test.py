@@ -452,6 +452,24 @@ def test_tfds_missing_dataset_raises(tmp_path, no_network, name):
     assert os.listdir(tmp_path) == []
 
 
+def test_check_prepared(tmp_path, no_network):
+    """check_prepared finds what load_dataset would find, reading nothing."""
+    assert data.check_prepared("mnist5k") is None
+    with pytest.raises(data.DatasetNotFoundError) as error:
+        data.check_prepared("cifar10", data_dir=str(tmp_path))
+    assert f"tfds build cifar10 --data_dir={tmp_path}" in str(error.value)
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+    os.makedirs(builder.data_dir)
+    with pytest.raises(data.DatasetNotFoundError, match="incomplete"):
+        data.check_prepared("cifar10", data_dir=str(tmp_path))
+    # The metadata files that a build writes next to the examples.
+    builder.info.write_to_directory(builder.data_dir)
+    assert data.check_prepared("cifar10", data_dir=str(tmp_path)) is None
+    with pytest.raises(ValueError, match="Unknown dataset name 'imagenet'"):
+        data.check_prepared("imagenet")
+    assert no_network == []
+
+
 def test_tfds_incomplete_folder_raises(tmp_path, no_network):
     builder = tfds.builder("cifar10", data_dir=str(tmp_path))
     os.makedirs(builder.data_dir)

@@ -517,6 +517,28 @@ def test_write_report(sweep_root, tmp_path):
         assert os.path.exists(os.path.join(tables, f"{GROUP}_{name}.md"))
 
 
+def test_write_report_rejects_bad_input(sweep_root, tmp_path):
+    """An unknown --reference and an --output_dir that is a file are
+    errors that name the value, raised before anything is written."""
+    output_dir = tmp_path / "report"
+    with pytest.raises(ValueError, match=r"--reference=s9-lr9.*s128-lr0.025"):
+        report.write_report(sweep_root, str(output_dir), reference="s9-lr9")
+    assert not output_dir.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    with pytest.raises(ValueError, match=f"--output_dir={afile}"):
+        report.write_report(sweep_root, str(afile))
+    assert afile.read_text() == "keep me"
+
+
+def test_load_runs_names_corrupt_summary(tmp_path):
+    write_run(str(tmp_path), "s8", (8,), 0.1, 0, (0.1, 0.2), 10.0, 1.0)
+    path = tmp_path / GROUP / "s8_lr0.1_seed0" / "summary.json"
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(ValueError, match=f"Invalid {path}: it is not valid"):
+        runs_lib.load_runs(str(tmp_path))
+
+
 def test_write_report_without_runs(tmp_path):
     with pytest.raises(ValueError, match="No finished run"):
         report.write_report(str(tmp_path))

@@ -6,6 +6,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -110,6 +113,9 @@ def test_grid_options_reach_run_config():
         ({"learning_rates": (0.1, -1.0)}, "Invalid learning_rates"),
         ({"seeds": (0, 0)}, "Repeated seed"),
         ({"seeds": ()}, "Invalid seeds"),
+        ({"seeds": 0}, r"Invalid seeds.*such as \(0,\)"),
+        ({"batch_sizes": 32}, "Invalid batch_sizes.*expected a tuple"),
+        ({"schedules": "s32-to-512"}, "Invalid schedules.*expected a tuple"),
         ({"schedules": ("s32-to-100",)}, "grid 'mnist5k_mlp_e20'"),
         ({"epochs": 10, "schedules": ("s32-to-512-MS",)}, "at least 20"),
         ({"options": {"momentun": 0.9}}, "Unknown option 'momentun'"),
@@ -264,6 +270,71 @@ def test_main_rejects_output_file(tmp_path, capsys):
     assert path.read_text() == "keep me"
 
 
+def test_main_dry_run_rejects_output_file(tmp_path, capsys):
+    path = tmp_path / "afile"
+    path.write_text("keep me")
+    values = parse_flags("--dry_run", f"--output_dir={path}")
+    assert sweep.main(["sweep", "smoke"], values) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert path.read_text() == "keep me"
+
+
+def test_main_rejects_config_without_study(tmp_path, capsys):
+    """A configuration whose get_study is missing or returns no Study is
+    invalid input: status 2 and one line, not a traceback."""
+    missing = tmp_path / "missing.py"
+    missing.write_text("X = 1\n")
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("def get_study():\n    return 5\n")
+    values = parse_flags(f"--output_dir={tmp_path / 'out'}")
+    assert sweep.main(["sweep", str(missing)], values) == 2
+    assert "defines no get_study()" in capsys.readouterr().err
+    assert sweep.main(["sweep", str(wrong)], values) == 2
+    assert "Received: int" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_main_rejects_missing_dataset(tmp_path, capsys):
+    """A grid whose TFDS data is missing stops the sweep with one error
+    before any folder is written, instead of failing every run."""
+    config = tmp_path / "mnist_grid.py"
+    config.write_text(textwrap.dedent("""
+        from experiments.study import Grid, Study
+
+        def get_study():
+            return Study(name="mnist_grid", grids=(Grid(
+                dataset="mnist", model="mlp", epochs=1,
+                batch_sizes=(64, 128), learning_rates=(0.1,)),))
+    """))
+    data_dir = tmp_path / "no_data"
+    output_dir = tmp_path / "out"
+    values = parse_flags(f"--output_dir={output_dir}",
+                         f"--data_dir={data_dir}")
+    assert sweep.main(["sweep", str(config)], values) == 2
+    error = capsys.readouterr().err
+    assert "'mnist' was not found" in error
+    assert f"tfds build mnist --data_dir={data_dir}" in error
+    assert not os.path.exists(output_dir)
+    assert not os.path.exists(data_dir)
+
+
+def test_main_names_corrupt_summary(tmp_path, capsys):
+    """A summary.json that is not JSON is named, with the fix, and the
+    sweep writes nothing."""
+    output_dir = tmp_path / "out"
+    spec = study_lib.expand(study_lib.load_study("smoke"), str(output_dir))[0]
+    os.makedirs(spec.config.output_dir)
+    path = os.path.join(spec.config.output_dir, "summary.json")
+    with open(path, "w") as file:
+        file.write('{"status": "completed", "con')
+    values = parse_flags(f"--output_dir={output_dir}")
+    assert sweep.main(["sweep", "smoke"], values) == 2
+    error = capsys.readouterr().err
+    assert f"Invalid {path}: it is not valid JSON" in error
+    assert "delete the run folder" in error
+    assert sorted(os.listdir(output_dir)) == ["mnist5k_mlp_e1"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [(["sweep"], "missing arguments"),
@@ -301,7 +372,8 @@ def process_ended(pid):
     try:
         with open(f"/proc/{pid}/stat") as file:
             state = file.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # ProcessLookupError: reaped between the open and the read.
         return True
     return state in ("Z", "X")
 
@@ -320,6 +392,120 @@ def test_stop_workers_terminates_processes():
     while not all(process_ended(pid) for pid in pids):
         assert time.monotonic() < deadline, pids
         time.sleep(0.05)
+
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker_pids(pid):
+    """Return the ids of the live worker processes that process `pid`
+    started with "spawn" (not its resource tracker)."""
+    workers = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                command = file.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if (
+            int(fields[1]) == pid
+            and fields[0] not in ("Z", "X")
+            and b"spawn_main" in command
+        ):
+            workers.append(int(entry))
+    return workers
+
+
+def wait_until_ended(pids, timeout=60):
+    """Wait until every process in `pids` has ended; kill them and fail if
+    one is still alive after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not all(process_ended(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            alive = [pid for pid in pids if not process_ended(pid)]
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"processes {alive} outlived the sweep")
+        time.sleep(0.05)
+
+
+_KILLED_PARENT = """
+import os
+import time
+
+from experiments import sweep
+
+pool = sweep._new_pool(1, 1)
+# The first task runs after the worker's initializer.
+print(pool.submit(os.getpid).result(), flush=True)
+pool.submit(time.sleep, 600)
+time.sleep(600)
+"""
+
+
+def test_worker_ends_with_killed_sweep():
+    """SIGKILL gives the sweep no chance to stop its workers. They must end
+    by themselves: a worker left running would write its summary.json into
+    the folder that the next sweep trains again."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_PARENT],
+        stdout=subprocess.PIPE, text=True, cwd=REPOSITORY,
+    )
+    try:
+        worker = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+    wait_until_ended([worker])
+
+
+def test_sigterm_stops_sweep_workers(tmp_path):
+    """SIGTERM, as `kill` or a job scheduler sends it, stops a real sweep
+    as Ctrl-C does: the workers end, the run stays unfinished, and the
+    status is 143."""
+    config = tmp_path / "long.py"
+    config.write_text(textwrap.dedent("""
+        from experiments.study import Grid, Study
+
+        def get_study():
+            return Study(name="long", grids=(Grid(
+                dataset="mnist5k", model="mlp", epochs=50,
+                batch_sizes=(8,), learning_rates=(0.01,), seeds=(0,)),))
+    """))
+    folder = tmp_path / "out" / "mnist5k_mlp_e50" / "s8_lr0.01_seed0"
+    epochs_csv = folder / "epochs.csv"
+    # A file, not a pipe: a worker that outlived the sweep would hold a
+    # pipe open.
+    stderr_path = tmp_path / "stderr.txt"
+    workers = []
+    with open(stderr_path, "w") as stderr:
+        sweep_process = subprocess.Popen(
+            [sys.executable, "-m", "experiments.sweep", str(config),
+             f"--output_dir={tmp_path / 'out'}"],
+            stderr=stderr, cwd=REPOSITORY,
+        )
+    try:
+        while not (epochs_csv.exists() and read_rows(epochs_csv)):
+            assert sweep_process.poll() is None, stderr_path.read_text()
+            time.sleep(0.1)
+        workers = worker_pids(sweep_process.pid)
+        sweep_process.send_signal(signal.SIGTERM)
+        sweep_process.wait(timeout=120)
+    finally:
+        if sweep_process.poll() is None:
+            sweep_process.kill()
+            sweep_process.wait()
+        wait_until_ended(workers)
+    error = stderr_path.read_text()
+    assert len(workers) == 1
+    assert sweep_process.returncode == 143, error
+    assert "run the same command again" in error
+    assert run.read_summary(str(folder)) is None
 
 
 def test_main_rejects_bad_config(capsys):
@@ -384,3 +570,7 @@ def test_real_sweep_resumes_and_records_divergence(tmp_path, monkeypatch):
         "completed", "diverged"
     ]
     assert os.path.getmtime(summary_path) == stamp
+    # The record of the sweep that trained is kept for the report.
+    record = read_json(os.path.join(output_dir, "sweep.json"))
+    assert record["runs"] == [good, bad]
+    assert record["last_sweep"]["trained"] == 3

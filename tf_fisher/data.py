@@ -227,11 +227,35 @@ def _read_mnist5k():
     return train, test, 10
 
 
-def _read_tfds(name: str, data_dir: str | None):
-    # Only as_dataset is called, never download_and_prepare or tfds.load, so
-    # no code path here can start a download.
+def check_prepared(name: str, data_dir: str | None = None) -> None:
+    """Checks, without reading any example, that `load_dataset` finds the
+    data of `name` in `data_dir`.
+
+    A program that starts many runs calls this first, so that a missing
+    dataset stops it with one error instead of failing every run.
+
+    Raises:
+        ValueError: if name is not one of DATASET_NAMES.
+        DatasetNotFoundError: if the TFDS data is not prepared in data_dir,
+            or its folder is incomplete. mnist5k needs no preparation.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(
+            f"Unknown dataset name {name!r}. Expected one of "
+            f"{', '.join(DATASET_NAMES)}."
+        )
+    if name == "mnist5k":
+        return
+    builder = _tfds_builder(name, data_dir)
+    # `_tfds_builder` has rejected an incomplete version folder.
+    if not os.path.isdir(builder.data_dir):
+        raise DatasetNotFoundError(name, str(builder.data_dir_root))
+
+
+def _tfds_builder(name: str, data_dir: str | None):
+    """Returns the TFDS builder of `name`, raising DatasetNotFoundError if its
+    version folder exists but is incomplete."""
     builder = tfds.builder(name, data_dir=data_dir)
-    data_dir_root = str(builder.data_dir_root)
     # An interrupted copy or build leaves a version folder that TFDS would
     # otherwise report as a KeyError on the split names.
     if os.path.isdir(builder.data_dir) and not builder.is_prepared():
@@ -239,7 +263,15 @@ def _read_tfds(name: str, data_dir: str | None):
             f"The folder {builder.data_dir} exists but is incomplete "
             f"(dataset_info.json or features.json is missing). "
         )
-        raise DatasetNotFoundError(name, data_dir_root, detail)
+        raise DatasetNotFoundError(name, str(builder.data_dir_root), detail)
+    return builder
+
+
+def _read_tfds(name: str, data_dir: str | None):
+    # Only as_dataset is called, never download_and_prepare or tfds.load, so
+    # no code path here can start a download.
+    builder = _tfds_builder(name, data_dir)
+    data_dir_root = str(builder.data_dir_root)
     # NOTE: svhn_cropped uses only its 73,257-image train split. Liao et al.,
     # "Approximate Fisher Information Matrix to Characterise the Training of
     # Deep Neural Networks" (2020), describe SVHN as over 600,000 images, so

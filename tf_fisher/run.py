@@ -224,12 +224,23 @@ def prepare_run_folder(output_dir, overwrite=False):
 
 
 def read_summary(output_dir):
-    """Return the run's summary dict, or None if the run has not finished."""
+    """Return the run's summary dict, or None if the run has not finished.
+
+    Raises:
+        ValueError: naming the file, if summary.json is not valid JSON.
+    """
     path = os.path.join(output_dir, "summary.json")
     if not os.path.exists(path):
         return None
     with open(path) as file:
-        return json.load(file)
+        try:
+            return json.load(file)
+        except ValueError as error:
+            raise ValueError(
+                f"Invalid {path}: it is not valid JSON ({error}). The run "
+                "writes it whole, so it was changed after the run. Restore "
+                "it, or delete the run folder to train the run again."
+            ) from None
 
 
 class EpochRecorder(keras.callbacks.Callback):

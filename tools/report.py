@@ -14,9 +14,10 @@ each group the page has these sections:
   the best beacon (Welch's t-test unless --student);
 * the figures of `tools.figures`;
 * the early ranking, and the configurations nearest a reference.
- Tables go to `tables/` as CSV and
-Markdown, figures to `figures/` as PNG and PDF, and the page to
-`report.md`, all under --output_dir (default RUNS_DIR/report).
+
+Tables go to `tables/` as CSV and Markdown, figures to `figures/` as PNG
+and PDF, and the page to `report.md`, all under --output_dir (default
+RUNS_DIR/report).
 """
 
 import json
@@ -148,7 +149,10 @@ def write_report(root, output_dir=None, reference=None, equal_var=False):
         equal_var: use Student's t-test (True) or Welch's (False).
 
     Raises:
-        ValueError: if `root` is not a folder or has no finished run.
+        ValueError: if `root` is not a folder or has no finished run, if
+            `reference` is the label of no configuration, or if
+            `output_dir` cannot be created; raised before anything is
+            written.
     """
     runs = runs_lib.load_runs(root)
     if runs.empty:
@@ -157,8 +161,22 @@ def write_report(root, output_dir=None, reference=None, equal_var=False):
             "config.json and summary.json. Run experiments.sweep first."
         )
     output_dir = output_dir or os.path.join(root, "report")
-    writer = _Writer(output_dir)
     configs = analysis.summarise(runs)
+    labels = list(configs["label"])
+    if reference is not None and reference not in labels:
+        raise ValueError(
+            f"Unknown --reference={reference}: no group has this "
+            "configuration. Pass a label such as "
+            f"{', '.join(labels[:4])}."
+        )
+    try:
+        writer = _Writer(output_dir)
+    except OSError as error:
+        raise ValueError(
+            f"Invalid --output_dir={output_dir}: cannot create the folder "
+            f"{error.filename} ({error.strerror}). Pass a folder path whose "
+            "parts are folders that you can write to."
+        ) from None
     epochs = runs_lib.load_epochs(root, runs)
     samples = runs_lib.load_samples(root, runs)
     _header(writer, root, runs)

@@ -110,10 +110,22 @@ def unfinished_runs(root):
 
 
 def _read_json(path):
+    """Return the content of a JSON file, None if it does not exist.
+
+    Raises:
+        ValueError: naming the file and the fix, if it is not valid JSON.
+    """
     if not os.path.exists(path):
         return None
     with open(path) as file:
-        return json.load(file)
+        try:
+            return json.load(file)
+        except ValueError as error:
+            raise ValueError(
+                f"Invalid {path}: it is not valid JSON ({error}). The run "
+                "writes it whole, so it was changed after the run. Restore "
+                "it, or move the run folder out of the sweep's folder."
+            ) from None
 
 
 def _run_row(root, folder, summary):
