@@ -250,10 +250,37 @@ def run_baselines(settings, output_dir, splits):
 
 
 def best_fixed(configurations):
-    """Return the fixed-size Configuration with the lowest mean test
-    error."""
+    """Return the fixed-size Configuration with the lowest mean test error
+    among those none of whose runs diverged.
+
+    A diverged run has fewer epochs than the others, so it can be neither
+    the reference of the table nor a beacon of the measure policy.
+
+    Raises:
+        ValueError: if every fixed size has a diverged run.
+    """
     fixed = [c for c in configurations if c.kind == FIXED]
-    return min(fixed, key=lambda c: _mean(c.finals("test_error")))
+    stable = [c for c in fixed if not _diverged_count(c)]
+    if not stable:
+        counts = ", ".join(
+            f"{c.name} ({_diverged_count(c)} of {len(c.summaries)})"
+            for c in fixed
+        )
+        rate = fixed[0].summaries[0]["config"]["learning_rate"]
+        raise ValueError(
+            f"Every fixed batch size has diverged runs at learning rate "
+            f"{rate:g}: {counts}. The study needs a fixed size without "
+            f"diverged runs as its reference. Lower --learning_rate, for "
+            f"example to --learning_rate={rate / 10:g}."
+        )
+    return min(stable, key=lambda c: _mean(c.finals("test_error")))
+
+
+def _diverged_count(configuration):
+    return sum(
+        summary["status"] == "diverged"
+        for summary in configuration.summaries
+    )
 
 
 def run_policies(settings, output_dir, grid_folder, beacon, splits):
@@ -596,6 +623,18 @@ def warm_up(settings, output_dir, splits):
         shutil.rmtree(folder)
 
 
+def check_settings(settings, output_dir):
+    """Check the runs of `settings` before anything trains or is written.
+
+    Raises:
+        ValueError: for an invalid schedule, or a batch size larger than
+            the training set.
+    """
+    grid = baseline_grid(settings)
+    specs = study_lib.expand(study_lib.Study("adaptive", (grid,)), output_dir)
+    study_lib.check_batch_sizes(specs, "--fixed_sizes", "--schedules")
+
+
 def run_study(settings, output_dir, warm_up_first=True):
     """Train the study's runs and write its table, verdict and figure.
 
@@ -637,6 +676,7 @@ def main(argv):
     try:
         settings = settings_from_flags()
         run.check_folder_path(FLAGS.output_dir)
+        check_settings(settings, FLAGS.output_dir)
         os.makedirs(FLAGS.output_dir, exist_ok=True)
         lines = run_study(settings, FLAGS.output_dir)
     except ValueError as error:

@@ -238,6 +238,12 @@ def _check_options(options, where):
                 f"Unknown option {key!r} in {where}. Expected RunConfig "
                 f"fields: {', '.join(sorted(known - _GRID_FIELDS))}."
             )
+    # The checks that training applies to these fields, made before any
+    # run starts.
+    try:
+        run.check_options(run.RunConfig(**options))
+    except ValueError as error:
+        raise ValueError(f"In {where}: {error}") from error
 
 
 def expand(study, output_dir):
@@ -260,6 +266,52 @@ def expand(study, output_dir):
             for spec in _grid_runs(grid, seed, output_dir):
                 specs.setdefault(spec.name, spec)
     return list(specs.values())
+
+
+def check_batch_sizes(
+    specs,
+    batch_sizes_field="the grid's batch_sizes",
+    schedules_field="the grid's schedules",
+):
+    """Raise an error, before anything trains, if a run of `specs` has a
+    batch size larger than its training set.
+
+    The training-set sizes come from `tf_fisher.data.num_train_examples`,
+    which reads no example.
+
+    Args:
+        specs: `RunSpec`s.
+        batch_sizes_field: what sets the batch size of a fixed-size run,
+            named in the error's fix.
+        schedules_field: what sets the schedules, named in the error's fix.
+
+    Raises:
+        ValueError: naming the grid, the run, the batch size, the size of
+            the training set and the fix.
+        tf_fisher.data.DatasetNotFoundError: if a dataset is not prepared.
+    """
+    sizes = {}
+    for spec in specs:
+        config = spec.config
+        key = (config.dataset, config.data_dir)
+        if key not in sizes:
+            sizes[key] = data.num_train_examples(*key)
+        num_train = sizes[key]
+        largest = max(stage.batch_size for stage in config.stages())
+        if largest <= num_train:
+            continue
+        if config.stage_epochs is None:
+            fix = f"Lower {batch_sizes_field} to at most {num_train}."
+        else:
+            fix = (
+                f"Lower the batch sizes of the schedule {config.schedule!r} "
+                f"in {schedules_field} to at most {num_train}."
+            )
+        raise ValueError(
+            f"Invalid batch size {largest} in grid {spec.grid!r} (run "
+            f"{os.path.basename(spec.name)}): the training set of "
+            f"{config.dataset!r} has only {num_train} examples. {fix}"
+        )
 
 
 def _ordered_union(lists):

@@ -12,7 +12,8 @@ diverged, and is skipped. A folder without one contains an interrupted run,
 so its files are deleted and the run starts again. A run that raises an
 error is logged and left unfinished, so the next sweep retries it. The
 sweep itself goes on, and exits with status 1 at the end. A dataset that is
-not prepared stops the sweep before it writes anything, with status 2.
+not prepared, or a batch size larger than its training set, stops the sweep
+before it writes anything, with status 2.
 Ctrl-C (status 130) or SIGTERM (status 143) stops the sweep and its
 workers, and a worker ends by itself when the sweep process is killed. The
 same command then resumes.
@@ -254,8 +255,9 @@ def run_sweep(study, output_dir, jobs=1, threads_per_job=0):
         One `Outcome` per run of the study, in the study's order.
 
     Raises:
-        ValueError: for an invalid study or a run folder that contains
-            another configuration, raised before any training starts.
+        ValueError: for an invalid study, a batch size larger than the
+            training set, or a run folder that contains another
+            configuration, raised before anything is written.
         tf_fisher.data.DatasetNotFoundError: if the dataset of a run to
             train is not prepared, raised before anything is written.
     """
@@ -274,12 +276,10 @@ def run_sweep(study, output_dir, jobs=1, threads_per_job=0):
             pending.append(spec)
         else:
             outcomes[spec.name] = _skipped(spec, summary)
-    # Every run of a grid would fail on a missing dataset, each with its
-    # own traceback, so the sweep checks the data before it starts.
-    for dataset, data_dir in dict.fromkeys(
-        (spec.config.dataset, spec.config.data_dir) for spec in pending
-    ):
-        data.check_prepared(dataset, data_dir)
+    # Every run of a grid would fail on a missing dataset or a batch size
+    # larger than the training set, each with its own traceback, so the
+    # sweep checks the data before it starts.
+    study_lib.check_batch_sizes(pending)
     os.makedirs(output_dir, exist_ok=True)
     record_path = os.path.join(output_dir, "sweep.json")
     record = _sweep_record(study, specs)

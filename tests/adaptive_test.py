@@ -18,6 +18,7 @@ from tf_fisher import adaptive
 from tf_fisher import batch_size_policies as policies
 from tf_fisher import cli
 from tf_fisher import measures
+from tf_fisher import run
 from tf_fisher import train as train_cli
 
 
@@ -636,16 +637,65 @@ def test_study_welch_p_value():
     assert math.isnan(study.welch_p_value([0.05, 0.05], [0.04, 0.04]))
 
 
+def run_study(*arguments):
+    """Run `python -m experiments.adaptive_study` with `arguments` from the
+    repository root and return the `CompletedProcess`."""
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.adaptive_study", *arguments],
+        check=False, capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+
+
 def test_study_rejects_empty_size_list(tmp_path):
     """An empty --fixed_sizes is named, exits with status 2, and leaves no
     warm-up folder behind."""
     output_dir = tmp_path / "study"
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.adaptive_study",
-         f"--output_dir={output_dir}", "--fixed_sizes="],
-        check=False, capture_output=True, text=True, timeout=300,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
+    result = run_study(f"--output_dir={output_dir}", "--fixed_sizes=")
     assert result.returncode == 2, result.stderr
     assert "Invalid --fixed_sizes=: expected integers" in result.stderr
     assert not output_dir.exists() or os.listdir(output_dir) == []
+
+
+def test_study_rejects_batch_size_above_training_set(tmp_path):
+    """A fixed size above the 4,000 training digits stops the study with
+    status 2 and one error naming the size, the training-set size and the
+    flag to change, before the warm-up epoch or any folder."""
+    output_dir = tmp_path / "study"
+    result = run_study(f"--output_dir={output_dir}", "--fixed_sizes=32,8000")
+    assert result.returncode == 2, result.stderr
+    # TensorFlow's start-up lines may come first.
+    assert result.stderr.splitlines()[-1] == (
+        "Error: Invalid batch size 8000 in grid 'mnist5k_mlp_e20_adaptive' "
+        "(run s8000_lr0.05_seed0): the training set of 'mnist5k' has only "
+        "4000 examples. Lower --fixed_sizes to at most 4000."
+    )
+    assert "Traceback" not in result.stderr
+    assert not output_dir.exists()
+
+
+def test_study_stops_when_every_fixed_size_diverges(tmp_path):
+    """At a learning rate that overflows, every fixed run diverges. The
+    study names them and the fix instead of taking a diverged run as the
+    measure policy's beacon; the diverged runs stay on disk."""
+    from experiments import adaptive_study as study
+
+    settings = {
+        "epochs": 1, "seeds": [0], "fixed_sizes": [512],
+        "schedules": [], "policies": ["measure"],
+        "learning_rate": 1e6, "fisher_interval": 4,
+        "min_epochs_per_size": 1, "norm_test_theta": 0.9,
+        "measure_first_batch_size": 0, "noise_scale_multiplier": 1.0,
+    }
+    with pytest.raises(ValueError) as error:
+        study.run_study(settings, str(tmp_path), warm_up_first=False)
+    assert str(error.value) == (
+        "Every fixed batch size has diverged runs at learning rate 1e+06: "
+        "s512 (1 of 1). The study needs a fixed size without diverged runs "
+        "as its reference. Lower --learning_rate, for example to "
+        "--learning_rate=100000."
+    )
+    folder = tmp_path / "mnist5k_mlp_e1_adaptive" / "s512_lr1e+06_seed0"
+    assert run.read_summary(str(folder))["status"] == "diverged"
+    assert not (tmp_path / "mnist5k_mlp_e1_adaptive"
+                / "adaptive-measure_lr1e+06_seed0").exists()

@@ -480,3 +480,24 @@ def test_tfds_incomplete_folder_raises(tmp_path, no_network):
     assert builder.data_dir in message
     assert f"tfds build cifar10 --data_dir={tmp_path}" in message
     assert no_network == []
+
+
+def test_num_train_examples_mnist5k(mnist5k):
+    assert data.num_train_examples("mnist5k") == mnist5k.num_train
+
+
+def test_num_train_examples_reads_tfds_metadata(tmp_path, no_network):
+    """The size of a TFDS training split comes from the metadata of the
+    prepared folder, which contains no example here."""
+    with pytest.raises(data.DatasetNotFoundError):
+        data.num_train_examples("cifar10", data_dir=str(tmp_path))
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+    os.makedirs(builder.data_dir)
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name="train", shard_lengths=[70, 53],
+                            num_bytes=0),
+        tfds.core.SplitInfo(name="test", shard_lengths=[9], num_bytes=0),
+    ]))
+    builder.info.write_to_directory(builder.data_dir)
+    assert data.num_train_examples("cifar10", data_dir=str(tmp_path)) == 123
+    assert no_network == []

@@ -13,9 +13,12 @@ the expected tables, rankings and p-values can be worked out by hand:
 """
 
 import csv
+import logging
 import math
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -550,4 +553,75 @@ def test_markdown_table_escapes_pipes():
     frame = pd.DataFrame({"a": ["x|y"], "b": [math.nan]})
     assert report.markdown_table(frame, index=False) == (
         "| a | b |\n| --- | --- |\n| x\\|y |  |\n"
+    )
+
+
+def test_write_report_logs_table_and_figure_counts(
+    sweep_root, tmp_path, caplog
+):
+    """The closing log line counts the page's tables and figures, each
+    written as two files, as the folders hold them. The tidy
+    configurations CSV is no table of the page."""
+    output_dir = tmp_path / "report"
+    with caplog.at_level(logging.INFO, logger="absl"):
+        path = report.write_report(sweep_root, str(output_dir))
+    num_tables = len(list((output_dir / "tables").glob("*.md")))
+    num_figures = len(list((output_dir / "figures").glob("*.png")))
+    csv_names = {entry.name for entry in (output_dir / "tables").glob("*.csv")}
+    assert len(csv_names - {f"{GROUP}_configurations.csv"}) == num_tables
+    assert len(list((output_dir / "figures").glob("*.pdf"))) == num_figures
+    assert (
+        f"Wrote {path} with {num_tables} tables (CSV and Markdown) and "
+        f"{num_figures} figures (PNG and PDF)" in caplog.messages
+    )
+
+
+def test_write_report_singular_counts(tmp_path):
+    """One run of one seed reads "1 run", "1 seed", not "1 runs"."""
+    root = str(tmp_path / "sweep")
+    write_run(root, "s32", (32,), 0.1, 0, (0.1, 0.2), 10.0, 1.0)
+    with open(report.write_report(root)) as file:
+        text = file.read()
+    assert f"mnist5k, mlp, {EPOCHS} epochs: 1 run (0 diverged), 1 seed," in (
+        text
+    )
+    assert "1 finished run (0 diverged)" in text
+    assert "1 runs" not in text
+    assert "1 seeds" not in text
+    assert report._plural(1, "epoch") == "1 epoch"
+    assert report._plural(0, "epoch") == "0 epochs"
+
+
+def test_report_bad_flag_exits_2_without_tensorflow():
+    """An unknown flag prints one error and exits with status 2, as the
+    other programs do, and the report still imports no TensorFlow."""
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['report', 'runs', '--bogus']\n"
+        "try:\n"
+        "    runpy.run_module('tools.report', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code, 'tensorflow' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True,
+        text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.stdout == "2 False\n", result.stderr
+    assert result.stderr.splitlines() == [
+        "Error: Unknown command line flag 'bogus'",
+        "Run with --helpshort to list the flags.",
+    ]
+
+
+def test_report_without_folder_exits_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.report"], check=False,
+        capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "Error: missing arguments. Usage: python -m tools.report RUNS_DIR"
     )

@@ -147,3 +147,20 @@ def test_report_without_fixed_runs(tmp_path):
         text = file.read()
     assert "has none" in text
     assert "s32-to-512" in text
+
+
+def test_integer_momentum_builds_plain_sgd():
+    """A grid option momentum=0, an int, builds plain SGD; Keras' SGD takes
+    only a float momentum."""
+    import numpy as np
+
+    images = np.zeros((8, 4, 4, 1), np.float32)
+    labels = np.arange(8, dtype=np.int32) % 2
+    splits = data.DatasetSplits(
+        name="tiny", train_images=images, train_labels=labels,
+        test_images=images, test_labels=labels, num_classes=2,
+        augment=False,
+    )
+    model = run.build_fisher_model(run.RunConfig(momentum=0), splits)
+    assert model.optimizer.momentum == 0.0
+    assert not model.optimizer.nesterov

@@ -120,6 +120,32 @@ def test_grid_options_reach_run_config():
         ({"epochs": 10, "schedules": ("s32-to-512-MS",)}, "at least 20"),
         ({"options": {"momentun": 0.9}}, "Unknown option 'momentun'"),
         ({"options": {"seed": 3}}, "the grid sets it"),
+        (
+            {"options": {"fisher_interval": 0}},
+            (
+                r"In grid 'mnist5k_mlp_e20': Invalid fisher_interval: "
+                r"expected a positive integer. Received: fisher_interval=0"
+            ),
+        ),
+        (
+            {"options": {"gram_method": "slow"}},
+            (
+                r"In grid 'mnist5k_mlp_e20': Invalid gram_method: expected "
+                r"'fast' or 'tape'. Received: gram_method='slow'"
+            ),
+        ),
+        (
+            {"options": {"eigenvalue_tolerance": 1.5}},
+            r"In grid .*Received: eigenvalue_tolerance=1.5",
+        ),
+        (
+            {"options": {"weight_decay": -1e-4}},
+            r"In grid .*Received: weight_decay=-0.0001",
+        ),
+        (
+            {"options": {"momentum": 1.5}},
+            r"In grid .*Received: momentum=1.5",
+        ),
     ],
 )
 def test_check_study_rejects(changes, message):
@@ -316,6 +342,77 @@ def test_main_rejects_missing_dataset(tmp_path, capsys):
     assert f"tfds build mnist --data_dir={data_dir}" in error
     assert not os.path.exists(output_dir)
     assert not os.path.exists(data_dir)
+
+
+def test_main_rejects_batch_size_above_training_set(tmp_path, capsys):
+    """A grid batch size above the 4,000 training digits of mnist5k stops
+    the sweep with one error naming the grid, the batch size, the size of
+    the training set and the fix, before any folder is written."""
+    config = tmp_path / "big_batch.py"
+    config.write_text(textwrap.dedent("""
+        from experiments.study import Grid, Study
+
+        def get_study():
+            return Study(name="big_batch", grids=(Grid(
+                dataset="mnist5k", model="mlp", epochs=1,
+                batch_sizes=(64, 8000), learning_rates=(0.1,),
+                seeds=(0,)),))
+    """))
+    output_dir = tmp_path / "out"
+    values = parse_flags(f"--output_dir={output_dir}")
+    assert sweep.main(["sweep", str(config)], values) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        "Error: Invalid batch size 8000 in grid 'mnist5k_mlp_e1' (run "
+        "s8000_lr0.1_seed0): the training set of 'mnist5k' has only 4000 "
+        "examples. Lower the grid's batch_sizes to at most 4000.\n"
+    )
+    assert not os.path.exists(output_dir)
+
+
+def test_check_batch_sizes_names_schedule():
+    """A schedule whose last stage exceeds the training set is named with
+    its grid; a schedule that fits passes."""
+    grid = small_grid(
+        epochs=5, batch_sizes=(32,), learning_rates=(0.1,), seeds=(0,),
+        schedules=("s256-to-4096",), name="wide",
+    )
+    specs = study_lib.expand(small_study(grid), "o")
+    with pytest.raises(ValueError) as error:
+        study_lib.check_batch_sizes(specs)
+    assert str(error.value) == (
+        "Invalid batch size 4096 in grid 'wide' (run "
+        "s256-to-4096_lr0.1_seed0): the training set of 'mnist5k' has only "
+        "4000 examples. Lower the batch sizes of the schedule "
+        "'s256-to-4096' in the grid's schedules to at most 4000."
+    )
+    fits = dataclasses.replace(grid, schedules=("s128-to-2048",))
+    assert study_lib.check_batch_sizes(
+        study_lib.expand(small_study(fits), "o")
+    ) is None
+
+
+def test_main_rejects_bad_option_before_training(tmp_path, capsys):
+    """An option value that every run would reject stops the sweep with
+    status 2 and one error naming the grid, option and value."""
+    config = tmp_path / "bad_option.py"
+    config.write_text(textwrap.dedent("""
+        from experiments.study import Grid, Study
+
+        def get_study():
+            return Study(name="bad_option", grids=(Grid(
+                dataset="mnist5k", model="mlp", epochs=1,
+                batch_sizes=(64,), learning_rates=(0.1,), seeds=(0,),
+                options={"gram_method": "slow"}, name="slow_grid"),))
+    """))
+    output_dir = tmp_path / "out"
+    values = parse_flags(f"--output_dir={output_dir}")
+    assert sweep.main(["sweep", str(config)], values) == 2
+    assert capsys.readouterr().err == (
+        "Error: In grid 'slow_grid': Invalid gram_method: expected 'fast' "
+        "or 'tape'. Received: gram_method='slow'\n"
+    )
+    assert not os.path.exists(output_dir)
 
 
 def test_main_names_corrupt_summary(tmp_path, capsys):
@@ -520,9 +617,10 @@ def read_rows(path):
 
 def test_real_sweep_resumes_and_records_divergence(tmp_path, monkeypatch):
     """Two one-epoch MLP runs, one left interrupted by an earlier sweep, one
-    at a learning rate that overflows, and a run that fails at once (batch
-    size above the 4,000 training digits), in two pools of two workers
-    that take one run each. A second sweep skips the two finished runs."""
+    at a learning rate that overflows, and a run that fails at once (a file
+    is in the place of its grid folder, so its run folder cannot be
+    written), in two pools of two workers that take one run each. A second
+    sweep skips the two finished runs."""
     monkeypatch.setattr(sweep, "RUNS_PER_WORKER", 1)
     output_dir = str(tmp_path / "sweep")
     grid = study_lib.Grid(
@@ -530,13 +628,17 @@ def test_real_sweep_resumes_and_records_divergence(tmp_path, monkeypatch):
         learning_rates=(0.05, 1e6), seeds=(0,),
         options={"fisher_interval": 4},
     )
-    too_big = dataclasses.replace(
-        grid, batch_sizes=(5000,), learning_rates=(0.05,), name="too_big"
+    blocked = dataclasses.replace(
+        grid, learning_rates=(0.05,), name="blocked"
     )
-    study = study_lib.Study(name="tiny", grids=(grid, too_big))
+    study = study_lib.Study(name="tiny", grids=(grid, blocked))
     good, bad, failed = [
         spec.name for spec in study_lib.expand(study, output_dir)
     ]
+    blocking_file = os.path.join(output_dir, "blocked")
+    os.makedirs(output_dir)
+    with open(blocking_file, "w") as file:
+        file.write("not a folder")
     # The interrupted run: files of an attempt without summary.json.
     interrupted = os.path.join(output_dir, good)
     os.makedirs(os.path.join(interrupted, "tensorboard"))
@@ -547,8 +649,10 @@ def test_real_sweep_resumes_and_records_divergence(tmp_path, monkeypatch):
     outcomes = sweep.run_sweep(study, output_dir, jobs=2)
     status = {outcome.name: outcome.status for outcome in outcomes}
     assert status == {good: "completed", bad: "diverged", failed: "failed"}
-    assert "batch size 5000" in outcomes[2].message
+    assert blocking_file in outcomes[2].message
     assert run.read_summary(os.path.join(output_dir, failed)) is None
+    with open(blocking_file) as file:
+        assert file.read() == "not a folder"
     assert len(read_rows(epochs_path)) == 1
     assert not any("stale" in row for row in read_rows(epochs_path))
     assert os.path.exists(os.path.join(interrupted, "train.log"))

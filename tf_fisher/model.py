@@ -123,22 +123,9 @@ class FisherModel(keras.Model):
         kwargs.setdefault("name", f"fisher_{model.name}")
         super().__init__(**kwargs)
         _check_model(model)
-        _check_positive_int("fisher_interval", fisher_interval)
-        if not 0 <= eigenvalue_tolerance < 1:
-            raise ValueError(
-                "Invalid eigenvalue_tolerance: expected a number in [0, 1). "
-                f"Received: eigenvalue_tolerance={eigenvalue_tolerance}"
-            )
-        if not 0 <= weight_decay < math.inf:
-            raise ValueError(
-                "Invalid weight_decay: expected a finite number >= 0. "
-                f"Received: weight_decay={weight_decay}"
-            )
-        if gram_method not in ("fast", "tape"):
-            raise ValueError(
-                "Invalid gram_method: expected 'fast' or 'tape'. "
-                f"Received: gram_method={gram_method!r}"
-            )
+        check_arguments(
+            fisher_interval, eigenvalue_tolerance, weight_decay, gram_method
+        )
         self.network = model
         self.fisher_interval = int(fisher_interval)
         self.eigenvalue_tolerance = float(eigenvalue_tolerance)
@@ -359,6 +346,33 @@ class FisherModel(keras.Model):
     def build(self, input_shape=None):
         # The wrapped network is already built; nothing to create here.
         self.built = True
+
+
+def check_arguments(
+    fisher_interval, eigenvalue_tolerance, weight_decay, gram_method
+):
+    """Raise ValueError, naming the argument and its value, unless
+    `FisherModel` accepts these arguments.
+
+    A program that builds many models calls this first, so that a bad value
+    stops it before the first model trains.
+    """
+    _check_positive_int("fisher_interval", fisher_interval)
+    if not 0 <= eigenvalue_tolerance < 1:
+        raise ValueError(
+            "Invalid eigenvalue_tolerance: expected a number in [0, 1). "
+            f"Received: eigenvalue_tolerance={eigenvalue_tolerance}"
+        )
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(
+            "Invalid weight_decay: expected a finite number >= 0. "
+            f"Received: weight_decay={weight_decay}"
+        )
+    if gram_method not in ("fast", "tape"):
+        raise ValueError(
+            "Invalid gram_method: expected 'fast' or 'tape'. "
+            f"Received: gram_method={gram_method!r}"
+        )
 
 
 def _check_model(model):

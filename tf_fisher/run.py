@@ -36,6 +36,7 @@ from tf_fisher import callbacks as fisher_callbacks
 from tf_fisher import data
 from tf_fisher import gradient_statistics
 from tf_fisher import measures
+from tf_fisher import model as model_lib
 from tf_fisher import models
 from tf_fisher import schedules
 from tf_fisher.model import FisherModel
@@ -335,7 +336,8 @@ def build_fisher_model(config, splits, model_class=FisherModel):
     model.compile(
         optimizer=keras.optimizers.SGD(
             learning_rate=config.learning_rate,
-            momentum=config.momentum,
+            # Keras' SGD takes only a float momentum.
+            momentum=float(config.momentum),
             nesterov=config.momentum > 0,
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -458,9 +460,37 @@ def check_batch_sizes(batch_sizes, num_train):
             )
 
 
+def check_options(config):
+    """Raise ValueError, naming the field and its value, unless the model
+    and optimizer accept the measure and optimizer fields of `config`.
+
+    The fields are `fisher_interval`, `eigenvalue_tolerance`,
+    `weight_decay` and `gram_method`, checked as `FisherModel` checks them,
+    and `momentum`, a number in [0, 1] as Keras' SGD requires.
+    """
+    model_lib.check_arguments(
+        config.fisher_interval,
+        config.eigenvalue_tolerance,
+        config.weight_decay,
+        config.gram_method,
+    )
+    momentum = config.momentum
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, int | float)
+        or not 0 <= momentum <= 1
+    ):
+        raise ValueError(
+            "Invalid momentum: expected a number in [0, 1]. "
+            f"Received: momentum={momentum!r}"
+        )
+
+
 def check_run(config, num_train):
-    """Raise ValueError unless every stage's batch size fits the
+    """Raise ValueError unless the model and optimizer accept `config`
+    (see `check_options`) and every stage's batch size fits the
     `num_train` training examples."""
+    check_options(config)
     check_batch_sizes(
         [stage.batch_size for stage in config.stages()], num_train
     )

@@ -31,6 +31,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from tf_fisher import cli
 from tools import analysis
 from tools import claims as claims_lib
 from tools import figures
@@ -100,13 +101,19 @@ def _markdown_cell(value):
     return str(value).replace("|", "\\|")
 
 
+def _plural(count, noun):
+    """Return "1 seed", "2 seeds": `count` and `noun`, plural unless 1."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 class _Writer:
     """Collects the report's Markdown and writes its tables and figures."""
 
     def __init__(self, output_dir):
         self.output_dir = output_dir
         self.lines = []
-        self.files = []
+        self.num_tables = 0
+        self.num_figures = 0
         os.makedirs(os.path.join(output_dir, "tables"), exist_ok=True)
         os.makedirs(os.path.join(output_dir, "figures"), exist_ok=True)
 
@@ -122,13 +129,13 @@ class _Writer:
         csv_frame.to_csv(f"{stem}.csv", index=index)
         with open(f"{stem}.md", "w") as file:
             file.write(f"{title}\n\n{text}")
-        self.files += [f"{stem}.csv", f"{stem}.md"]
+        self.num_tables += 1
         self.text(f"**{title}**", text)
 
     def figure(self, caption, paths):
         png = os.path.relpath(paths[0], self.output_dir)
         pdf = os.path.relpath(paths[1], self.output_dir)
-        self.files += paths
+        self.num_figures += 1
         self.text(f"![{caption}]({png})\n\n*{caption}* ([PDF]({pdf}))")
 
     def save(self):
@@ -185,8 +192,11 @@ def write_report(root, output_dir=None, reference=None, equal_var=False):
             writer, group, runs, configs, epochs, samples, equal_var
         ).write(reference)
     path = writer.save()
-    logging.info("Wrote %s with %d tables and figures", path,
-                 len(writer.files))
+    logging.info(
+        "Wrote %s with %s (CSV and Markdown) and %s (PNG and PDF)", path,
+        _plural(writer.num_tables, "table"),
+        _plural(writer.num_figures, "figure"),
+    )
     return path
 
 
@@ -198,13 +208,14 @@ def _header(writer, root, runs):
     last = sweep.get("last_sweep")
     if last:
         writer.text(
-            f"Last sweep: {last['trained']} runs trained in "
-            f"{last['wall_seconds']:.0f} s wall time with {last['jobs']} "
-            f"jobs ({last['failed']} failed)."
+            f"Last sweep: {_plural(last['trained'], 'run')} trained in "
+            f"{last['wall_seconds']:.0f} s wall time with "
+            f"{_plural(last['jobs'], 'job')} ({last['failed']} failed)."
         )
     unfinished = runs_lib.unfinished_runs(root)
     writer.text(
-        f"{len(runs)} finished runs ({int(runs['diverged'].sum())} diverged), "
+        f"{_plural(len(runs), 'finished run')} "
+        f"({int(runs['diverged'].sum())} diverged), "
         f"{len(unfinished)} unfinished, {runs['wall_seconds'].sum():.0f} s "
         "of training in total (sum over runs). Errors are in percent, mean "
         "± sample standard deviation over seeds; **bold** marks the five "
@@ -246,9 +257,10 @@ class _GroupSection:
         self.writer.text(
             f"## {self.group}",
             f"{runs['dataset'].iloc[0]}, {runs['model'].iloc[0]}, "
-            f"{int(runs['epochs'].max())} epochs: {len(runs)} runs "
+            f"{_plural(int(runs['epochs'].max()), 'epoch')}: "
+            f"{_plural(len(runs), 'run')} "
             f"({int(runs['diverged'].sum())} diverged), "
-            f"{runs['seed'].nunique()} seeds, "
+            f"{_plural(runs['seed'].nunique(), 'seed')}, "
             f"{runs['wall_seconds'].sum():.0f} s of training.",
         )
         ranking = analysis.early_ranking(
@@ -441,13 +453,9 @@ class _GroupSection:
 
 def main(argv, flag_values=flags.FLAGS):
     """Write the report of the folder `argv[1]`; return the exit status."""
-    if len(argv) != 2:
-        # tf_fisher.cli would import TensorFlow, which the report never needs.
-        print(
-            "Error: expected one folder. Usage: python -m tools.report "
-            "RUNS_DIR [flags]",
-            file=sys.stderr,
-        )
+    if not cli.check_arguments(
+        argv, 1, "python -m tools.report RUNS_DIR [flags]"
+    ):
         return 2
     try:
         path = write_report(
@@ -463,4 +471,4 @@ def main(argv, flag_values=flags.FLAGS):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
