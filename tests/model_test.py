@@ -2,6 +2,9 @@
 
 import csv
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import keras
@@ -451,3 +454,58 @@ def test_fisher_model_rejects_activity_regularizer(nested):
         network = keras.Model(outer_inputs, network(outer_inputs))
     with pytest.raises(ValueError, match="'penalized' .*activity_regularizer"):
         FisherModel(network)
+
+
+def test_saved_model_loads_and_probes_alike(small_digits, tmp_path):
+    """A FisherModel saved in the .keras format loads with its arguments,
+    weights and optimizer state, and its next probe records the same
+    values as the original's on the same batch."""
+    images, labels = small_digits
+    model = compiled(
+        conv_bn_network(images.shape[1:]), momentum=0.9, fisher_interval=3,
+        eigenvalue_tolerance=1e-7, weight_decay=1e-4, gram_method="tape",
+    )
+    model.fit(unshuffled(images, labels, 4), epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = keras.models.load_model(path)
+
+    assert isinstance(loaded, FisherModel)
+    for name in (
+        "fisher_interval", "eigenvalue_tolerance", "weight_decay",
+        "gram_method",
+    ):
+        assert getattr(loaded, name) == getattr(model, name), name
+    assert loaded.compiled
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
+    for saved, restored in zip(
+        model.optimizer.variables, loaded.optimizer.variables
+    ):
+        np.testing.assert_array_equal(saved.numpy(), restored.numpy())
+
+    batch = unshuffled(images[:8], labels[:8], 8)
+    for each in (model, loaded):
+        each.fisher_interval = 1
+        each.fit(batch, epochs=1, verbose=0)
+    expected, actual = model.read_probe_values(), loaded.read_probe_values()
+    for key in ("trace", "lambda_max", "condition_number"):
+        assert actual[key] == pytest.approx(expected[key], rel=1e-6), key
+    for saved, restored in zip(model.weights, loaded.weights):
+        np.testing.assert_allclose(
+            restored.numpy(), saved.numpy(), rtol=1e-6, atol=1e-7
+        )
+
+    # Another process finds the class once it has imported tf_fisher.
+    script = (
+        "import keras, tf_fisher\n"
+        f"print(type(keras.models.load_model({path!r})).__name__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True,
+        text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "FisherModel"

@@ -623,5 +623,5 @@ def test_report_without_folder_exits_2():
     )
     assert result.returncode == 2
     assert result.stderr.startswith(
-        "Error: missing arguments. Usage: python -m tools.report RUNS_DIR"
+        "Error: expected one folder. Usage: python -m tools.report RUNS_DIR"
     )

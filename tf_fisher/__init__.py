@@ -6,18 +6,12 @@ The public names are the Gram matrix of per-example gradients
 (`FisherCallback`).
 """
 
-import importlib
-
-# The module of each public name. A name is imported on first use, so that
-# modules without TensorFlow, such as `tf_fisher.cli`, import quickly.
-_PUBLIC_MODULES = {
-    "AdaptiveBatchSize": "tf_fisher.adaptive",
-    "FisherCallback": "tf_fisher.callbacks",
-    "FisherModel": "tf_fisher.model",
-    "RunningMeasures": "tf_fisher.measures",
-    "gram_matrix": "tf_fisher.gram",
-    "spectrum_statistics": "tf_fisher.measures",
-}
+from tf_fisher.adaptive import AdaptiveBatchSize
+from tf_fisher.callbacks import FisherCallback
+from tf_fisher.gram import gram_matrix
+from tf_fisher.measures import RunningMeasures
+from tf_fisher.measures import spectrum_statistics
+from tf_fisher.model import FisherModel
 
 __all__ = [
     "AdaptiveBatchSize",
@@ -28,13 +22,3 @@ __all__ = [
     "spectrum_statistics",
 ]
 __version__ = "0.1.0"
-
-
-def __getattr__(name):
-    if name not in _PUBLIC_MODULES:
-        raise AttributeError(f"module 'tf_fisher' has no attribute {name!r}")
-    return getattr(importlib.import_module(_PUBLIC_MODULES[name]), name)
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)

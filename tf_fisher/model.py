@@ -58,6 +58,7 @@ class _ResetProbeSchedule(keras.callbacks.Callback):
         self._state.step_in_epoch = 0
 
 
+@keras.saving.register_keras_serializable(package="tf_fisher")
 class FisherModel(keras.Model):
     """Trains a Keras model and measures its per-example Gram matrix.
 
@@ -132,6 +133,9 @@ class FisherModel(keras.Model):
         self.weight_decay = float(weight_decay)
         self.gram_method = gram_method
         self._probe = _ProbeState(measures.PROBE_KEYS)
+        # The wrapped network is built, and this model has no weights of
+        # its own.
+        self.built = True
 
     @property
     def probe_values(self):
@@ -342,6 +346,39 @@ class FisherModel(keras.Model):
                 for g, w in zip(gradients, weights)
             ]
         self.optimizer.apply(gradients, weights)
+
+    def get_config(self):
+        """Return the arguments of the model, with the wrapped network
+        serialized, so that `save` and `keras.models.load_model` work."""
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "model": keras.saving.serialize_keras_object(self.network),
+            "fisher_interval": self.fisher_interval,
+            "eigenvalue_tolerance": self.eigenvalue_tolerance,
+            "weight_decay": self.weight_decay,
+            "gram_method": self.gram_method,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(
+            config["model"], custom_objects=custom_objects
+        )
+        return cls(**config)
+
+    def compile_from_config(self, config):
+        """Compile with a configuration from `get_compile_config`, as Keras
+        does when it loads a saved model.
+
+        Keras skips this for a class that overrides `compile`. This class's
+        `compile` only checks the arguments before Keras' own, so the saved
+        configuration compiles the same way.
+        """
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        # The variables that the saved optimizer state is loaded into.
+        self.optimizer.build(self.trainable_variables)
 
     def build(self, input_shape=None):
         # The wrapped network is already built; nothing to create here.

@@ -31,7 +31,6 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from tf_fisher import cli
 from tools import analysis
 from tools import claims as claims_lib
 from tools import figures
@@ -451,11 +450,33 @@ class _GroupSection:
         )
 
 
+def parse_flags(argv, flag_values=flags.FLAGS):
+    """Parse the command line into `flag_values`, as `absl.app.run` does.
+
+    On an invalid flag, print the error and exit with status 2, as
+    `tf_fisher.cli.parse_flags` does for the other programs. That module is
+    not imported because importing tf_fisher imports TensorFlow, which the
+    report never needs.
+    """
+    try:
+        return flag_values(argv)
+    except flags.Error as error:
+        print(
+            f"Error: {error}\nRun with --helpshort to list the flags.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def main(argv, flag_values=flags.FLAGS):
     """Write the report of the folder `argv[1]`; return the exit status."""
-    if not cli.check_arguments(
-        argv, 1, "python -m tools.report RUNS_DIR [flags]"
-    ):
+    if len(argv) != 2:
+        # tf_fisher.cli would import TensorFlow, which the report never needs.
+        print(
+            "Error: expected one folder. Usage: python -m tools.report "
+            "RUNS_DIR [flags]",
+            file=sys.stderr,
+        )
         return 2
     try:
         path = write_report(
@@ -471,4 +492,4 @@ def main(argv, flag_values=flags.FLAGS):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(main, flags_parser=parse_flags)
