@@ -503,10 +503,10 @@ def _exit_with_parent():
     A sweep killed with SIGKILL cannot stop its workers. Left running, a
     worker would finish its run and write its summary.json into a folder
     that the next sweep has cleared and is training again, so that folder
-    would look finished while its CSV files held a partial run. A thread
+    would look finished while its CSV files held a partial run. So a thread
     waits on the parent's sentinel, which becomes ready when the parent
-    exits, and then ends the process; its unfinished run is trained again
-    by the next sweep.
+    exits, and then ends the process. The next sweep trains its unfinished
+    run again.
     """
     parent = multiprocessing.parent_process()
     if parent is None:

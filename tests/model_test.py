@@ -486,9 +486,9 @@ def test_saved_model_loads_and_probes_alike(small_digits, tmp_path):
         np.testing.assert_array_equal(saved.numpy(), restored.numpy())
 
     batch = unshuffled(images[:8], labels[:8], 8)
-    for each in (model, loaded):
-        each.fisher_interval = 1
-        each.fit(batch, epochs=1, verbose=0)
+    for fisher_model in (model, loaded):
+        fisher_model.fisher_interval = 1
+        fisher_model.fit(batch, epochs=1, verbose=0)
     expected, actual = model.read_probe_values(), loaded.read_probe_values()
     for key in ("trace", "lambda_max", "condition_number"):
         assert actual[key] == pytest.approx(expected[key], rel=1e-6), key

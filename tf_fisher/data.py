@@ -242,17 +242,7 @@ def check_prepared(name: str, data_dir: str | None = None) -> None:
         DatasetNotFoundError: if the TFDS data is not prepared in data_dir,
             or its folder is incomplete. mnist5k needs no preparation.
     """
-    if name not in DATASET_NAMES:
-        raise ValueError(
-            f"Unknown dataset name {name!r}. Expected one of "
-            f"{', '.join(DATASET_NAMES)}."
-        )
-    if name == "mnist5k":
-        return
-    builder = _tfds_builder(name, data_dir)
-    # `_tfds_builder` has rejected an incomplete version folder.
-    if not os.path.isdir(builder.data_dir):
-        raise DatasetNotFoundError(name, str(builder.data_dir_root))
+    _prepared_builder(name, data_dir)
 
 
 def num_train_examples(name: str, data_dir: str | None = None) -> int:
@@ -266,11 +256,29 @@ def num_train_examples(name: str, data_dir: str | None = None) -> int:
         ValueError: if name is not one of DATASET_NAMES.
         DatasetNotFoundError: as `check_prepared`.
     """
-    check_prepared(name, data_dir)
-    if name == "mnist5k":
+    builder = _prepared_builder(name, data_dir)
+    if builder is None:
         return MNIST5K_NUM_TRAIN
-    builder = _tfds_builder(name, data_dir)
     return int(builder.info.splits["train"].num_examples)
+
+
+def _prepared_builder(name: str, data_dir: str | None):
+    """Returns the TFDS builder of a prepared dataset, or None for mnist5k.
+
+    Raises the errors listed in `check_prepared`.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(
+            f"Unknown dataset name {name!r}. Expected one of "
+            f"{', '.join(DATASET_NAMES)}."
+        )
+    if name == "mnist5k":
+        return None
+    builder = _tfds_builder(name, data_dir)
+    # `_tfds_builder` has rejected an incomplete version folder.
+    if not os.path.isdir(builder.data_dir):
+        raise DatasetNotFoundError(name, str(builder.data_dir_root))
+    return builder
 
 
 def _tfds_builder(name: str, data_dir: str | None):
