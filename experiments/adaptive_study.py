@@ -104,7 +104,7 @@ def define_flags():
     flags.DEFINE_float("norm_test_theta", 0.9, "θ of the norm-test policy.")
     flags.DEFINE_integer(
         "measure_first_batch_size", 0, "First batch size of the measure-guided "
-        "policy; 0 takes the largest fixed size.", lower_bound=0,
+        "policy, within the range of --fixed_sizes; 0 takes the largest.", lower_bound=0,
     )
     flags.DEFINE_float(
         "noise_scale_multiplier", 1.0, "Target batch size of the "
@@ -627,9 +627,21 @@ def check_settings(settings, output_dir):
     """Check the runs of `settings` before anything trains or is written.
 
     Raises:
-        ValueError: for an invalid schedule, or a batch size larger than
-            the training set.
+        ValueError: for an invalid schedule, a batch size larger than the
+            training set, or a first size of the measure policy outside
+            the fixed sizes' range.
     """
+    first_size = settings["measure_first_batch_size"]
+    low, high = min(settings["fixed_sizes"]), max(settings["fixed_sizes"])
+    if first_size and "measure" in settings["policies"] and not (
+        low <= first_size <= high
+    ):
+        raise ValueError(
+            f"Invalid --measure_first_batch_size={first_size}: the measure "
+            f"policy chooses sizes from {low} to {high}, the range of "
+            f"--fixed_sizes. Set it within that range, or to 0 for "
+            f"{high}."
+        )
     grid = baseline_grid(settings)
     specs = study_lib.expand(study_lib.Study("adaptive", (grid,)), output_dir)
     study_lib.check_batch_sizes(specs, "--fixed_sizes", "--schedules")

@@ -13,7 +13,8 @@ so its files are deleted and the run starts again. A run that raises an
 error is logged and left unfinished, so the next sweep retries it. The
 sweep itself goes on, and exits with status 1 at the end. A dataset that is
 not prepared, or a batch size larger than its training set, stops the sweep
-before it writes anything, with status 2.
+before it writes anything, with status 2. `--dry_run` checks the batch sizes
+too, and only warns about data that is not prepared.
 Ctrl-C (status 130) or SIGTERM (status 143) stops the sweep and its
 workers, and a worker ends by itself when the sweep process is killed. The
 same command then resumes.
@@ -90,7 +91,8 @@ def define_flags(flag_values=flags.FLAGS):
     )
     flags.DEFINE_bool(
         "dry_run", False,
-        "List the runs and whether each is finished, and train nothing.",
+        "List the runs and whether each is finished, check their batch "
+        "sizes, and train nothing.",
         flag_values=flag_values,
     )
     return flag_values
@@ -675,6 +677,16 @@ def _terminated_as_interrupt():
 def _list_runs(study, output_dir):
     run.check_folder_path(output_dir)
     specs = study_lib.expand(study, output_dir)
+    # A dry run may plan a sweep for another machine, so data that is not
+    # prepared here is a warning, but a batch size that no data fits is an
+    # error, as in the sweep.
+    try:
+        study_lib.check_batch_sizes(specs)
+    except data.DatasetNotFoundError as error:
+        print(
+            f"Warning: {error} The batch sizes of its runs are not checked.",
+            file=sys.stderr,
+        )
     for spec in specs:
         summary = finished_summary(spec)
         state = summary["status"] if summary else "to train"

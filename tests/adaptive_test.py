@@ -674,6 +674,23 @@ def test_study_rejects_batch_size_above_training_set(tmp_path):
     assert not output_dir.exists()
 
 
+def test_study_rejects_first_size_out_of_range(tmp_path):
+    """A first size of the measure policy above the largest fixed size,
+    here also above the 4,000 training digits, stops the study with
+    status 2 before anything is written."""
+    output_dir = tmp_path / "study"
+    result = run_study(
+        f"--output_dir={output_dir}", "--measure_first_batch_size=8000"
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "Error: Invalid --measure_first_batch_size=8000: the measure policy "
+        "chooses sizes from 32 to 512, the range of --fixed_sizes. Set it "
+        "within that range, or to 0 for 512."
+    )
+    assert not output_dir.exists()
+
+
 def test_study_stops_when_every_fixed_size_diverges(tmp_path):
     """At a learning rate that overflows, every fixed run diverges. The
     study names them and the fix instead of taking a diverged run as the

@@ -386,6 +386,10 @@ def test_learning_rate_of_variable_and_schedule():
         ({"eigenvalue_tolerance": 1.0}, "eigenvalue_tolerance=1.0"),
         ({"weight_decay": -1e-4}, "weight_decay=-0.0001"),
         ({"weight_decay": math.nan}, "weight_decay=nan"),
+        ({"eigenvalue_tolerance": "1e-9"}, "eigenvalue_tolerance='1e-9'"),
+        ({"eigenvalue_tolerance": None}, "eigenvalue_tolerance=None"),
+        ({"weight_decay": True}, "weight_decay=True"),
+        ({"weight_decay": [1e-4]}, r"weight_decay=\[0.0001\]"),
         ({"gram_method": "exact"}, "gram_method='exact'"),
     ],
 )

@@ -344,10 +344,47 @@ def test_main_rejects_missing_dataset(tmp_path, capsys):
     assert not os.path.exists(data_dir)
 
 
-def test_main_rejects_batch_size_above_training_set(tmp_path, capsys):
+def test_dry_run_warns_about_missing_data(tmp_path, capsys):
+    """A dry run may plan a sweep for another machine: data that is not
+    prepared here gives a warning with the fix, and the runs are listed."""
+    config = tmp_path / "mnist_grid.py"
+    config.write_text(textwrap.dedent("""
+        from experiments.study import Grid, Study
+
+        def get_study():
+            return Study(name="mnist_grid", grids=(Grid(
+                dataset="mnist", model="mlp", epochs=1,
+                batch_sizes=(64, 128), learning_rates=(0.1,),
+                seeds=(0,)),))
+    """))
+    data_dir = tmp_path / "no_data"
+    output_dir = tmp_path / "out"
+    values = parse_flags(f"--output_dir={output_dir}",
+                         f"--data_dir={data_dir}", "--dry_run")
+    assert sweep.main(["sweep", str(config)], values) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("Warning: ")
+    assert f"tfds build mnist --data_dir={data_dir}" in captured.err
+    assert captured.err.endswith(
+        "The batch sizes of its runs are not checked.\n"
+    )
+    assert captured.out.splitlines() == [
+        "mnist_mlp_e1/s64_lr0.1_seed0\tto train",
+        "mnist_mlp_e1/s128_lr0.1_seed0\tto train",
+        f"2 runs in {output_dir}",
+    ]
+    assert not os.path.exists(output_dir)
+    assert not os.path.exists(data_dir)
+
+
+@pytest.mark.parametrize("extra_flags", [(), ("--dry_run",)])
+def test_main_rejects_batch_size_above_training_set(
+    tmp_path, capsys, extra_flags
+):
     """A grid batch size above the 4,000 training digits of mnist5k stops
-    the sweep with one error naming the grid, the batch size, the size of
-    the training set and the fix, before any folder is written."""
+    the sweep, or its dry run, with one error naming the grid, the batch
+    size, the size of the training set and the fix, before any folder is
+    written."""
     config = tmp_path / "big_batch.py"
     config.write_text(textwrap.dedent("""
         from experiments.study import Grid, Study
@@ -359,7 +396,7 @@ def test_main_rejects_batch_size_above_training_set(tmp_path, capsys):
                 seeds=(0,)),))
     """))
     output_dir = tmp_path / "out"
-    values = parse_flags(f"--output_dir={output_dir}")
+    values = parse_flags(f"--output_dir={output_dir}", *extra_flags)
     assert sweep.main(["sweep", str(config)], values) == 2
     error = capsys.readouterr().err
     assert error == (

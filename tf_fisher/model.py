@@ -1,6 +1,7 @@
 """A Keras model wrapper whose training step also measures the Gram matrix."""
 
 import math
+import numbers
 
 import keras
 import tensorflow as tf
@@ -395,15 +396,15 @@ def check_arguments(
     stops it before the first model trains.
     """
     _check_positive_int("fisher_interval", fisher_interval)
-    if not 0 <= eigenvalue_tolerance < 1:
+    if not _is_real(eigenvalue_tolerance) or not 0 <= eigenvalue_tolerance < 1:
         raise ValueError(
             "Invalid eigenvalue_tolerance: expected a number in [0, 1). "
-            f"Received: eigenvalue_tolerance={eigenvalue_tolerance}"
+            f"Received: eigenvalue_tolerance={eigenvalue_tolerance!r}"
         )
-    if not 0 <= weight_decay < math.inf:
+    if not _is_real(weight_decay) or not 0 <= weight_decay < math.inf:
         raise ValueError(
             "Invalid weight_decay: expected a finite number >= 0. "
-            f"Received: weight_decay={weight_decay}"
+            f"Received: weight_decay={weight_decay!r}"
         )
     if gram_method not in ("fast", "tape"):
         raise ValueError(
@@ -437,6 +438,11 @@ def _check_model(model):
                 "gradients. Remove it; kernel and bias regularizers are "
                 "supported and are left out of the Gram matrix."
             )
+
+
+def _is_real(value):
+    """Return True for an int or float, NumPy's included, but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_positive_int(name, value):
