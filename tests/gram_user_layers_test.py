@@ -294,6 +294,52 @@ def test_fallback_layer_with_dropout_is_rejected():
             gram.gram_matrix(network, LOSS, x, y)
 
 
+class NoisyScale(keras.layers.Layer):
+    """x ⊙ w, plus Gaussian noise from `keras.random` in training."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(3)
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            shape=(input_shape[-1],), initializer="ones"
+        )
+
+    def call(self, inputs, training=None):
+        if training:
+            inputs = inputs + keras.random.normal(
+                keras.ops.shape(inputs), stddev=0.1, seed=self.seed_generator
+            )
+        return inputs * self.scale
+
+
+def test_fallback_layer_with_own_noise_is_rejected():
+    """No attribute shows that the layer draws random numbers, but the ops
+    of its per-example call do."""
+    inputs = keras.Input((6,))
+    hidden = NoisyScale(name="noisy")(inputs)
+    network = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    x, y = random_batch((6,), 5, 3, seed=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(
+            NotImplementedError,
+            match=r"'noisy' \(NoisyScale\) draws random numbers in training "
+            r"\(ops [^)]*StatelessRandomNormalV2",
+        ):
+            gram.gram_matrix(network, LOSS, x, y)
+
+
+def test_random_op_types():
+    assert gram._is_random_op("StatelessRandomUniformV2")
+    assert gram._is_random_op("RandomStandardNormal")
+    assert gram._is_random_op("StatelessTruncatedNormalV2")
+    assert gram._is_random_op("RngReadAndSkip")
+    assert not gram._is_random_op("StatelessIf")
+    assert not gram._is_random_op("MatMul")
+
+
 # Outputs with a loss value per position.
 
 

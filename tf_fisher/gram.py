@@ -854,8 +854,11 @@ def _per_example_layer_gradients(
         example_args, example_kwargs = tf.nest.pack_sequence_as(
             (tuple(args), dict(kwargs or {})), example_leaves
         )
+        graph = tf.compat.v1.get_default_graph()
+        first_op = len(graph.get_operations())
         with tf.GradientTape() as tape:
             output = apply(layer, example_args, example_kwargs)
+        _check_no_random_ops(layer, graph.get_operations()[first_op:])
         gradients = tape.gradient(
             tf.nest.flatten(output),
             weights,
@@ -931,6 +934,45 @@ def _check_not_random(layer):
         f"training step. Set {name}=0 in the layer; a keras.layers.Dropout "
         "layer before or after it is supported."
     )
+
+
+# Control-flow ops whose type starts like that of a stateless random op.
+_NOT_RANDOM_OPS = frozenset({"StatelessIf", "StatelessWhile", "StatelessCase"})
+
+
+def _is_random_op(op_type):
+    """Return True for the type of a TensorFlow op that draws random numbers,
+    stateful or stateless, such as those of `keras.random` and Dropout."""
+    if op_type in _NOT_RANDOM_OPS:
+        return False
+    return (
+        "Random" in op_type
+        or "TruncatedNormal" in op_type
+        or "Multinomial" in op_type
+        or op_type.startswith(("Rng", "StatelessShuffle"))
+    )
+
+
+def _check_no_random_ops(layer, operations):
+    """Raise if the per-example call of `layer`, which created `operations`,
+    draws random numbers that the attributes read by `_check_not_random`
+    do not reveal, such as a `keras.random` call in a custom layer.
+
+    NOTE: ops inside control flow (a `tf.cond` branch) live in functions of
+    their own and are not inspected.
+    """
+    random_types = sorted(
+        {op.type for op in operations if _is_random_op(op.type)}
+    )
+    if random_types:
+        raise NotImplementedError(
+            f"Layer {layer.name!r} ({type(layer).__name__}) draws random "
+            f"numbers in training (ops {', '.join(random_types)}). tf_fisher "
+            "forms its Gram block by running it again on each example, which "
+            "would draw new random numbers, so the block would not match the "
+            "training step. Draw them in a layer without weights, such as "
+            "keras.layers.Dropout or GaussianNoise, before or after it."
+        )
 
 
 def _warn_fallback(layer):
