@@ -141,6 +141,219 @@ def test_probe_measures_batch_before_update(digits):
     assert any(moved)
 
 
+# The loss the update uses.
+
+
+def dense_network(input_size, outputs, activation=None, seed=0):
+    """Dense tanh hidden layer of 6 units, then `outputs` Dense outputs: a
+    tensor, or a dict of them when `outputs` is a dict of sizes."""
+    inputs = keras.Input((input_size,))
+    hidden = keras.layers.Dense(
+        6, activation="tanh",
+        kernel_initializer=keras.initializers.GlorotNormal(seed),
+    )(inputs)
+
+    def head(units, name=None):
+        return keras.layers.Dense(
+            units, activation=activation, name=name,
+            kernel_initializer=keras.initializers.GlorotNormal(seed + 1),
+        )(hidden)
+
+    if isinstance(outputs, dict):
+        return keras.Model(
+            inputs, {name: head(units, name) for name, units in outputs.items()}
+        )
+    return keras.Model(inputs, head(outputs))
+
+
+def loop_gram(network, example_loss, x, y):
+    """Jᵀ J in float64 from one GradientTape per example, with
+    `example_loss(i, y_pred)` the loss of example i written out here."""
+    weights = network.trainable_weights
+    columns = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            value = example_loss(i, network(x[i : i + 1], training=True))
+        columns.append(
+            np.concatenate([
+                np.asarray(gradient, np.float64).ravel()
+                for gradient in tape.gradient(value, weights)
+            ])
+        )
+    jacobian = np.stack(columns)
+    return jacobian @ jacobian.T
+
+
+def first_probe(network, loss, x, y, **fit_kwargs):
+    """Compile, fit one probed step on the whole batch and return its
+    `probe_values` as floats, with the weights set back to those the probe
+    measured."""
+    saved = network.get_weights()
+    model = FisherModel(network, fisher_interval=100)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+    model.fit(
+        x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0,
+        **fit_kwargs,
+    )
+    network.set_weights(saved)
+    return model.read_probe_values()
+
+
+def assert_probe_matches(probe, expected):
+    """Compare a probe with numpy's measures of the reference matrix."""
+    eigenvalues = np.linalg.eigvalsh(expected)
+    assert probe["trace"] == pytest.approx(np.trace(expected), rel=1e-4)
+    assert probe["lambda_max"] == pytest.approx(eigenvalues[-1], rel=1e-4)
+    assert probe["batch_gradient_sq_norm"] == pytest.approx(
+        expected.sum() / len(expected) ** 2, rel=1e-4
+    )
+
+
+def vector_batch(size=8, features=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(size, features)).astype(np.float32)
+    return x, rng.integers(0, 3, size=size).astype(np.int32)
+
+
+@pytest.mark.parametrize("source", ["sample_weight", "class_weight"])
+def test_gram_of_weighted_losses(source):
+    """With example weights, column i of J is the gradient of the weighted
+    loss of example i, the term the update sums."""
+    x, y = vector_batch()
+    network = dense_network(5, 3)
+    class_weight = {0: 0.5, 1: 2.0, 2: 3.0}
+    if source == "class_weight":
+        weights = np.array([class_weight[label] for label in y])
+        fit_kwargs = {"class_weight": class_weight}
+    else:
+        weights = np.linspace(0.25, 3.0, len(y)).astype(np.float32)
+        fit_kwargs = {"sample_weight": weights}
+    probe = first_probe(network, LOSS, x, y, **fit_kwargs)
+
+    def example_loss(i, y_pred):
+        value = keras.losses.sparse_categorical_crossentropy(
+            y[i : i + 1], y_pred, from_logits=True
+        )
+        return float(weights[i]) * tf.reduce_sum(value)
+
+    expected = loop_gram(network, example_loss, x, y)
+    unweighted = loop_gram(
+        network, lambda i, y_pred: example_loss(i, y_pred) / weights[i], x, y
+    )
+    assert np.trace(expected) != pytest.approx(np.trace(unweighted), rel=0.1)
+    assert_probe_matches(probe, expected)
+
+
+def squared_difference(y_true, y_pred):
+    """A loss function of one value per output unit."""
+    return tf.square(y_true - y_pred)
+
+
+@pytest.mark.parametrize(
+    "loss, activation, targets",
+    [
+        ("binary_crossentropy", "sigmoid", "binary"),
+        ("crossentropy", "sigmoid", "binary"),
+        (squared_difference, None, "real"),
+        ("mse", None, "real"),
+        (keras.losses.BinaryCrossentropy(from_logits=True), None, "binary"),
+    ],
+    ids=["bce-name", "crossentropy-name", "function", "mse-name", "bce"],
+)
+def test_one_output_losses_with_labels_of_rank_one(loss, activation, targets):
+    """Labels `[batch]` for outputs `[batch, 1]`, which `compile` aligns
+    for a loss given by name or as a function as well as for a Loss."""
+    x, labels = vector_batch(seed=1)
+    y = (labels % 2 if targets == "binary" else labels / 2).astype(np.float32)
+    network = dense_network(5, 1, activation)
+    probe = first_probe(network, loss, x, y)
+
+    def example_loss(i, y_pred):
+        p = y_pred[0, 0]
+        if targets == "real":
+            return tf.square(y[i] - p)
+        if activation is None:
+            p = tf.sigmoid(p)
+        return -(y[i] * tf.math.log(p) + (1 - y[i]) * tf.math.log(1 - p))
+
+    assert_probe_matches(probe, loop_gram(network, example_loss, x, y))
+
+
+@pytest.mark.parametrize("container", ["dict", "list"])
+def test_gram_of_model_with_several_outputs(container):
+    """Outputs of different shapes, each with its loss and example weights:
+    the loss of example i is the weighted sum of its outputs' losses."""
+    x, labels = vector_batch(seed=2)
+    targets = (labels / 2).astype(np.float32)
+    network = dense_network(5, {"classes": 3, "value": 1})
+    weights = np.linspace(0.5, 2.0, len(x)).astype(np.float32)
+    if container == "dict":
+        loss = {"classes": LOSS, "value": "mse"}
+        y = {"classes": labels, "value": targets}
+        loss_weights = {"classes": 1.0, "value": 0.5}
+        sample_weight = {"classes": weights, "value": weights[::-1]}
+    else:
+        outputs = network.output
+        network = keras.Model(
+            network.input, [outputs["classes"], outputs["value"]]
+        )
+        loss = [LOSS, "mse"]
+        y = [labels, targets]
+        loss_weights = [1.0, 0.5]
+        sample_weight = [weights, weights[::-1]]
+    saved = network.get_weights()
+    model = FisherModel(network, fisher_interval=100)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss=loss,
+        loss_weights=loss_weights,
+    )
+    history = model.fit(
+        x, y, sample_weight=sample_weight, batch_size=len(x), epochs=1,
+        verbose=0,
+    )
+    network.set_weights(saved)
+
+    def example_loss(i, y_pred):
+        if container == "list":
+            y_pred = dict(zip(["classes", "value"], y_pred, strict=True))
+        classes = keras.losses.sparse_categorical_crossentropy(
+            labels[i : i + 1], y_pred["classes"], from_logits=True
+        )
+        value = tf.square(targets[i] - y_pred["value"][0, 0])
+        return weights[i] * tf.reduce_sum(classes) + 0.5 * weights[
+            ::-1
+        ][i] * value
+
+    expected = loop_gram(network, example_loss, x, labels)
+    assert_probe_matches(model.read_probe_values(), expected)
+    # The logged loss is the mean of the weighted example losses.
+    losses = [float(example_loss(i, network(x[i : i + 1]))) for i in range(8)]
+    assert history.history["loss"][0] == pytest.approx(
+        np.mean(losses), rel=1e-5
+    )
+
+
+def test_schedule_rate_of_the_step():
+    """l_k takes the rate that step k applied, not the next step's."""
+    x, y = vector_batch(size=12)
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        [2], [0.1, 0.01]
+    )
+    model = FisherModel(dense_network(5, 3), fisher_interval=1)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=LOSS)
+    recorder = callbacks.FisherCallback()
+    model.fit(unshuffled(x, y, 2), epochs=1, callbacks=[recorder], verbose=0)
+
+    # Steps 1 to 3 run at iterations 0 to 2, where the rate is 0.1.
+    expected = [0.1, 0.1, 0.1, 0.01, 0.01, 0.01]
+    rates = [row["learning_rate"] for row in recorder.samples]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+    for row, rate in zip(recorder.samples, expected, strict=True):
+        assert row["fisher_energy"] == pytest.approx(
+            rate / 2 * math.sqrt(row["trace"]), rel=1e-6
+        )
+
+
 # The update.
 
 
@@ -405,6 +618,36 @@ def test_fisher_model_rejects_summed_loss():
     )
     with pytest.raises(ValueError, match="reduction='sum'"):
         model.compile(optimizer="sgd", loss=loss)
+
+
+@pytest.mark.parametrize("container", [dict, list])
+def test_fisher_model_rejects_summed_loss_of_one_output(container):
+    model = FisherModel(dense_network(5, {"classes": 3, "value": 1}))
+    losses = [LOSS, keras.losses.MeanSquaredError(reduction="sum")]
+    if container is dict:
+        losses = dict(zip(["classes", "value"], losses, strict=True))
+    with pytest.raises(
+        ValueError, match="reduction='sum' in loss 'mean_squared_error'"
+    ):
+        model.compile(optimizer="sgd", loss=losses)
+
+
+def test_fisher_model_takes_mean_reduction():
+    """Keras reduces "mean" as "sum_over_batch_size", so the Gram matrix
+    is the same."""
+    x, y = vector_batch()
+    probes = [
+        first_probe(
+            dense_network(5, 3),
+            keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction=reduction
+            ),
+            x, y,
+        )
+        for reduction in ("sum_over_batch_size", "mean")
+    ]
+    assert probes[0]["trace"] > 0
+    assert probes[1]["trace"] == pytest.approx(probes[0]["trace"], rel=1e-6)
 
 
 def test_fisher_model_rejects_steps_per_execution():

@@ -89,7 +89,9 @@ class FisherCallback(keras.callbacks.Callback):
     """Records the Fisher measures of a `tf_fisher.FisherModel`.
 
     After each probed step it reads the probe's measures from the model,
-    computes l_k = (α_k / B_k) · sqrt(Tr F) with the learning rate in force,
+    computes l_k = (α_k / B_k) · sqrt(Tr F) with the learning rate in force
+    at that step (read before the step, as a `LearningRateSchedule` moves
+    on with each update),
     and updates the running C̄_K and L_K (`tf_fisher.measures.RunningMeasures`).
     Each sample becomes a CSV row, written and flushed as it comes, and
     TensorBoard scalars `batch_*` at the global step. At each epoch end it
@@ -133,6 +135,7 @@ class FisherCallback(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(tensorboard_dir)
         self._epoch = 0
         self._epoch_first_sample = 0
+        self._learning_rate = math.nan
 
     def set_model(self, model):
         if not hasattr(model, "probe_values"):
@@ -146,6 +149,12 @@ class FisherCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._epoch_first_sample = len(self.samples)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # The rate of this step: after the step, a learning-rate schedule
+        # already gives the next step's rate.
+        if measures.is_probe_step(batch, self.model.fisher_interval):
+            self._learning_rate = current_learning_rate(self.model.optimizer)
 
     def on_train_batch_end(self, batch, logs=None):
         self.running.add_iterations(1)
@@ -164,7 +173,7 @@ class FisherCallback(keras.callbacks.Callback):
 
     def _read_probe(self):
         values = self.model.read_probe_values()
-        learning_rate = current_learning_rate(self.model.optimizer)
+        learning_rate = self._learning_rate
         energy = measures.fisher_energy(
             learning_rate, values["batch_size"], values["trace"]
         )

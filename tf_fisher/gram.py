@@ -56,6 +56,7 @@ import warnings
 
 import keras
 import tensorflow as tf
+from keras.src.trainers import compile_utils
 
 # Layer classes whose Gram block has a closed form here.
 _CLOSED_FORM_LAYERS = (
@@ -187,8 +188,14 @@ def _trace_graph(model, inputs, training, calls, taps):
 def loss_values(loss, y_true, y_pred):
     """Return the unreduced loss values `[batch, ...]` of a Keras loss.
 
-    Where `y_pred` carries a Keras mask (from `Embedding(mask_zero=True)`
-    or `Masking`), masked values are zero, as in the loss Keras trains on.
+    A loss name or function is turned into a `keras.losses.Loss` as
+    `compile` does it, so the values are those Keras trains on: targets one
+    rank below the outputs, such as labels `[batch]` for outputs
+    `[batch, 1]`, gain the missing axis (or the outputs lose it), and
+    "crossentropy" picks the binary, categorical or sparse form from the
+    shapes. Where `y_pred` carries a Keras mask (from
+    `Embedding(mask_zero=True)` or `Masking`), masked values are zero, as in
+    the loss Keras trains on.
 
     Args:
         loss: a `keras.losses.Loss` (its reduction is ignored), the name of
@@ -197,15 +204,24 @@ def loss_values(loss, y_true, y_pred):
         y_true: targets, batch first.
         y_pred: model outputs, batch first.
     """
-    if isinstance(loss, str):
-        loss = keras.losses.get(loss)
-    if isinstance(loss, keras.losses.Loss):
-        values = loss.call(y_true, y_pred)
-    else:
-        values = loss(y_true, y_pred)
-    values = tf.convert_to_tensor(values)
+    values = tf.convert_to_tensor(
+        _as_keras_loss(loss, y_true, y_pred).call(y_true, y_pred)
+    )
     mask = _loss_mask(y_pred, values)
     return values if mask is None else values * mask
+
+
+def _as_keras_loss(loss, y_true, y_pred):
+    """Return `loss` as the `keras.losses.Loss` that `compile` makes of it.
+
+    NOTE: `compile_utils.get_loss` is the private Keras 3.15 helper behind
+    `compile`. It resolves a name, "crossentropy" from the shapes, and
+    wraps a function in `keras.losses.LossFunctionWrapper`, whose `call`
+    squeezes or expands `y_true` to the rank of `y_pred` first. Calling the
+    bare function instead would broadcast labels `[batch]` against outputs
+    `[batch, 1]` into `[batch, batch]` values.
+    """
+    return compile_utils.get_loss(loss, y_true, y_pred)
 
 
 def loss_value_count(loss, y_true, y_pred):

@@ -76,11 +76,13 @@ class FisherModel(keras.Model):
 
     The Gram matrix uses the sum convention: column i of J is the gradient of
     example i's loss, so J is B times what the mean-reduced training loss
-    gives. The compiled loss must therefore reduce by
-    "sum_over_batch_size" (the Keras default), and `compile` rejects loss
-    scaling for mixed precision. Weight decay, when set, is
-    added to the gradients as `weight_decay * w` before the optimizer (L2
-    regularisation, as Torch's SGD applies it) and is not part of J.
+    gives. The compiled loss, and each output's loss of a model with
+    several outputs, must therefore reduce by "sum_over_batch_size" (the
+    Keras default) or "mean", which Keras computes the same way; `compile`
+    rejects other reductions and loss scaling for mixed precision. Weight
+    decay, when set, is added to the gradients as `weight_decay * w` before
+    the optimizer (L2 regularisation, as Torch's SGD applies it) and is not
+    part of J.
 
     Args:
         model: a Functional or built Sequential `keras.Model` to train.
@@ -158,14 +160,22 @@ class FisherModel(keras.Model):
 
     def compile(self, *args, **kwargs):
         loss = kwargs.get("loss", args[1] if len(args) > 1 else None)
-        reduction = getattr(loss, "reduction", "sum_over_batch_size")
-        if reduction != "sum_over_batch_size":
-            raise ValueError(
-                "FisherModel needs a loss reduced by 'sum_over_batch_size' "
-                "(the Keras default), because the Gram matrix rescales its "
-                f"output gradients by the batch size. Received: "
-                f"reduction={reduction!r}"
+        # A dict or list contains the loss of each output.
+        for output_loss in tf.nest.flatten(loss):
+            reduction = getattr(
+                output_loss, "reduction", "sum_over_batch_size"
             )
+            # Keras 3.15 reduces "mean" exactly as "sum_over_batch_size".
+            if reduction not in ("sum_over_batch_size", "mean"):
+                raise ValueError(
+                    "FisherModel needs a loss reduced by "
+                    "'sum_over_batch_size' (the Keras default) or 'mean', "
+                    "because the Gram matrix rescales its output gradients "
+                    f"by the batch size. Received: reduction={reduction!r} "
+                    "in loss "
+                    f"{getattr(output_loss, 'name', output_loss)!r} "
+                    f"({type(output_loss).__name__})"
+                )
         if kwargs.get("steps_per_execution", 1) != 1:
             raise ValueError(
                 "FisherModel needs steps_per_execution=1, so that callbacks "
@@ -334,9 +344,11 @@ class FisherModel(keras.Model):
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
             training=True,
         )
-        # Keras' own train_step tracks the loss the same way.
+        # Keras' own train_step tracks the loss the same way, weighted by
+        # the batch size, which it reads from the first input: `y_pred` is
+        # a dict or list for a model with several outputs.
         self._loss_tracker.update_state(
-            loss, sample_weight=tf.shape(y_pred)[0]
+            loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0]
         )
         return loss
 
