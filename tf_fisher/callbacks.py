@@ -90,9 +90,9 @@ class FisherCallback(keras.callbacks.Callback):
 
     After each probed step it reads the probe's measures from the model,
     computes l_k = (α_k / B_k) · sqrt(Tr F) with the learning rate in force
-    at that step (read before the step, as a `LearningRateSchedule` moves
-    on with each update),
-    and updates the running C̄_K and L_K (`tf_fisher.measures.RunningMeasures`).
+    at that step (read before the step, because a `LearningRateSchedule`
+    moves on with each update), and updates the running C̄_K and L_K
+    (`tf_fisher.measures.RunningMeasures`).
     Each sample becomes a CSV row, written and flushed as it comes, and
     TensorBoard scalars `batch_*` at the global step. At each epoch end it
     adds `mean_condition_number` (C̄_K), `cumulative_fisher_energy` (L_K)
