@@ -390,6 +390,7 @@ def test_splits_reject_length_mismatch():
         ("cifar10", (32, 32, 3), 10, True),
         ("cifar100", (32, 32, 3), 100, True),
         ("svhn_cropped", (32, 32, 3), 10, False),
+        ("svhn_cropped_extra", (32, 32, 3), 10, False),
     ],
 )
 def test_tfds_mock_shapes(tmp_path, name, shape, num_classes, augment):
@@ -419,6 +420,54 @@ def test_tfds_mock_train_pipeline(tmp_path):
     assert batches[0][0].shape == (4, 32, 32, 3)
 
 
+def test_svhn_extra_trains_on_train_and_extra(tmp_path):
+    """svhn_cropped_extra reads TFDS svhn_cropped's train and extra splits
+    as its training set and its test split as the test set. Each mocked
+    split has its own size and label, so the counts show which were read."""
+    sizes = {"train": 3, "extra": 5, "test": 2}
+    labels = {"train": 1, "extra": 2, "test": 3}
+    requested = []
+
+    def as_dataset(builder, split, **kwargs):
+        del kwargs
+        requested.append(str(split))
+        parts = str(split).split("+")
+        examples = [
+            {"image": np.full((32, 32, 3), 10 * labels[part] + index, np.uint8),
+             "label": np.int64(labels[part]), "id": f"{part}_{index}"}
+            for part in parts
+            for index in range(sizes[part])
+        ]
+        return tf.data.Dataset.from_generator(
+            lambda: iter(examples),
+            output_signature=builder.info.features.get_tensor_spec(),
+        )
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        extra = data.load_dataset("svhn_cropped_extra", str(tmp_path))
+        plain = data.load_dataset("svhn_cropped", str(tmp_path))
+    assert requested == ["train+extra", "test", "train", "test"]
+    assert np.bincount(extra.train_labels).tolist() == [0, 3, 5]
+    assert extra.test_labels.tolist() == [3, 3]
+    assert np.bincount(plain.train_labels).tolist() == [0, 3]
+
+
+def test_num_train_examples_svhn_extra(tmp_path, no_network):
+    """The training-set size of svhn_cropped_extra adds the train and extra
+    splits from the metadata of the svhn_cropped folder."""
+    builder = tfds.builder("svhn_cropped", data_dir=str(tmp_path))
+    os.makedirs(builder.data_dir)
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name="train", shard_lengths=[70], num_bytes=0),
+        tfds.core.SplitInfo(name="extra", shard_lengths=[30, 5], num_bytes=0),
+        tfds.core.SplitInfo(name="test", shard_lengths=[9], num_bytes=0),
+    ]))
+    builder.info.write_to_directory(builder.data_dir)
+    assert data.num_train_examples("svhn_cropped", str(tmp_path)) == 70
+    assert data.num_train_examples("svhn_cropped_extra", str(tmp_path)) == 105
+    assert no_network == []
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Records and blocks every outgoing socket connection."""
@@ -434,19 +483,26 @@ def no_network(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name", ["mnist", "cifar10", "cifar100", "svhn_cropped"]
+    "name, tfds_name",
+    [
+        ("mnist", "mnist"),
+        ("cifar10", "cifar10"),
+        ("cifar100", "cifar100"),
+        ("svhn_cropped", "svhn_cropped"),
+        ("svhn_cropped_extra", "svhn_cropped"),
+    ],
 )
-def test_tfds_missing_dataset_raises(tmp_path, no_network, name):
+def test_tfds_missing_dataset_raises(tmp_path, no_network, name, tfds_name):
     data_dir = str(tmp_path)
     with pytest.raises(data.DatasetNotFoundError) as error:
         data.load_dataset(name, data_dir=data_dir)
     message = str(error.value)
     assert isinstance(error.value, FileNotFoundError)
-    assert repr(name) in message
+    assert repr(tfds_name) in message
     assert data_dir in message
-    assert f"tfds build {name} --data_dir={data_dir}" in message
-    assert f"--datasets={name}" in message
-    assert error.value.name == name
+    assert f"tfds build {tfds_name} --data_dir={data_dir}" in message
+    assert f"--datasets={tfds_name}" in message
+    assert error.value.name == tfds_name
     assert error.value.data_dir == data_dir
     assert no_network == []
     assert os.listdir(tmp_path) == []
