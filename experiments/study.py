@@ -168,11 +168,14 @@ def _check_grid(grid):
     )
     seeds = _as_list(grid.seeds, "seeds", where)
     if not seeds or any(
-        isinstance(seed, bool) or not isinstance(seed, int) for seed in seeds
+        isinstance(seed, bool)
+        or not isinstance(seed, int)
+        or not 0 <= seed <= run.MAX_SEED
+        for seed in seeds
     ):
         raise ValueError(
             f"Invalid seeds {grid.seeds!r} in {where}: expected a non-empty "
-            "list of integers."
+            f"list of integers from 0 to {run.MAX_SEED}."
         )
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"Repeated seed in {where}: {grid.seeds!r}.")

@@ -637,6 +637,19 @@ def test_study_welch_p_value():
     assert math.isnan(study.welch_p_value([0.05, 0.05], [0.04, 0.04]))
 
 
+def test_adaptive_run_rejects_bad_seed(tmp_path):
+    """An adaptive run checks the options of its configuration, the seed
+    among them, before it writes anything."""
+    config = run.RunConfig(
+        epochs=1, batch_sizes=(32,), seed=-1,
+        output_dir=str(tmp_path / "run"),
+    )
+    policy = policies.make_policy("norm_test", 1)
+    with pytest.raises(ValueError, match="Received: seed=-1"):
+        adaptive.train_adaptive(config, policy)
+    assert not (tmp_path / "run").exists()
+
+
 def run_study(*arguments):
     """Run `python -m experiments.adaptive_study` with `arguments` from the
     repository root and return the `CompletedProcess`."""

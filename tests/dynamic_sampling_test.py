@@ -556,7 +556,10 @@ def test_config_stage_epochs_checked(small_digits, tmp_path):
         (["--batch_sizes=16,0,32"], "Invalid batch size '0'"),
         (["--batch_sizes=16,32,64", "--epochs=2"], "3 stages"),
         (["--batch_size=4001"], "Invalid batch size 4001"),
-        (["--schedule=s256-to-4096"], "Invalid batch size 4096"),
+        (
+            ["--schedule=s256-to-4096"],
+            "Invalid --schedule=s256-to-4096: its largest batch size, 4096,",
+        ),
         (
             ["--schedule=s32-to-512", "--batch_sizes=32,64"],
             "either --schedule or --batch_sizes",

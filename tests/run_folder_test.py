@@ -3,6 +3,7 @@
 import csv
 import os
 
+import pytest
 from absl.testing import flagsaver
 
 from tests import report_test
@@ -82,6 +83,54 @@ def test_overwrite_with_bad_input_keeps_run(tmp_path, capsys):
         assert "Error:" in capsys.readouterr().err
         assert read_rows(output_dir / "epochs.csv") == first_epochs
         assert os.path.exists(output_dir / "summary.json")
+
+
+def test_overwrite_with_bad_seed_keeps_run(tmp_path, capsys):
+    """A seed that NumPy refuses stops the run before --overwrite deletes
+    the earlier one."""
+    output_dir = tmp_path / "run"
+    arguments = (f"--output_dir={output_dir}", "--epochs=1", "--batch_size=500")
+    assert run_cli(*arguments) == 0
+    first_epochs = read_rows(output_dir / "epochs.csv")
+    capsys.readouterr()
+
+    for bad in ("--seed=-1", f"--seed={2**32}"):
+        # An invalid flag value exits from `cli.parse_flags` with status 2.
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(*arguments, bad, "--overwrite")
+        assert exit_info.value.code == 2, bad
+        assert bad in capsys.readouterr().err
+        assert read_rows(output_dir / "epochs.csv") == first_epochs
+        assert os.path.exists(output_dir / "summary.json")
+
+
+def test_bad_seed_rejected_before_writing(tmp_path, digits):
+    for seed in (-1, 2**32, 1.5):
+        config = run.RunConfig(seed=seed, output_dir=str(tmp_path / "run"))
+        with pytest.raises(ValueError, match=f"seed={seed!r}"):
+            run.train(config, digits)
+        assert not (tmp_path / "run").exists()
+    run.check_options(run.RunConfig(seed=2**32 - 1))
+
+
+def test_default_folders_same_second_differ(monkeypatch, tmp_path):
+    """Two runs started in the same second without --output_dir get two
+    folders, the second with the suffix -2."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_cli, "_timestamp", lambda: "20260101-120000")
+    arguments = ("--epochs=1", "--batch_size=500", "--fisher_interval=3")
+    assert run_cli(*arguments) == 0
+    assert run_cli(*arguments, "--learning_rate=0.1") == 0
+    first, second = "mnist5k-mlp-20260101-120000", (
+        "mnist5k-mlp-20260101-120000-2"
+    )
+    assert sorted(os.listdir(tmp_path / "runs")) == [first, second]
+    for name, rate in ((first, 0.05), (second, 0.1)):
+        rows = read_rows(tmp_path / "runs" / name / "epochs.csv")
+        assert [float(row["learning_rate"]) for row in rows] == [
+            pytest.approx(rate)
+        ]
+        assert os.path.exists(tmp_path / "runs" / name / "summary.json")
 
 
 def test_unexpected_argument_exits_2(capsys):

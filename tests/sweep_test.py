@@ -113,6 +113,8 @@ def test_grid_options_reach_run_config():
         ({"learning_rates": (0.1, -1.0)}, "Invalid learning_rates"),
         ({"seeds": (0, 0)}, "Repeated seed"),
         ({"seeds": ()}, "Invalid seeds"),
+        ({"seeds": (0, -1)}, r"Invalid seeds \(0, -1\).*from 0 to 4294967295"),
+        ({"seeds": (2**32,)}, "Invalid seeds"),
         ({"seeds": 0}, r"Invalid seeds.*such as \(0,\)"),
         ({"batch_sizes": 32}, "Invalid batch_sizes.*expected a tuple"),
         ({"schedules": "s32-to-512"}, "Invalid schedules.*expected a tuple"),

@@ -354,6 +354,7 @@ def _check_sizes_fit_data(config, policy, num_train):
 
 
 def _check_adaptive_config(config, policy):
+    run.check_options(config)
     if len(config.batch_sizes) != 1 or config.stage_epochs is not None:
         raise ValueError(
             "An adaptive run starts from one batch size and has no fixed "

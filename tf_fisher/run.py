@@ -41,6 +41,10 @@ from tf_fisher import models
 from tf_fisher import schedules
 from tf_fisher.model import FisherModel
 
+# Largest valid seed. Keras' `set_random_seed` seeds NumPy, which accepts
+# only seeds from 0 to 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
 EPOCH_COLUMNS = (
     "epoch",
     "stage",
@@ -466,7 +470,8 @@ def check_options(config):
 
     The fields are `fisher_interval`, `eigenvalue_tolerance`,
     `weight_decay` and `gram_method`, checked as `FisherModel` checks them,
-    and `momentum`, a number in [0, 1] as Keras' SGD requires.
+    `momentum`, a number in [0, 1] as Keras' SGD requires, and `seed`, an
+    integer in [0, `MAX_SEED`] as NumPy's seeding requires.
     """
     model_lib.check_arguments(
         config.fisher_interval,
@@ -483,6 +488,16 @@ def check_options(config):
         raise ValueError(
             "Invalid momentum: expected a number in [0, 1]. "
             f"Received: momentum={momentum!r}"
+        )
+    seed = config.seed
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, int)
+        or not 0 <= seed <= MAX_SEED
+    ):
+        raise ValueError(
+            f"Invalid seed: expected an integer from 0 to {MAX_SEED}. "
+            f"Received: seed={seed!r}"
         )
 
 

@@ -74,7 +74,10 @@ flags.DEFINE_list(
     "Explicit batch size of each stage, e.g. 16,16,32,32,64. The epochs "
     "are split between the stages as for --schedule.",
 )
-flags.DEFINE_integer("seed", 0, "Random seed of weights and data order.")
+flags.DEFINE_integer(
+    "seed", 0, "Random seed of weights and data order.",
+    lower_bound=0, upper_bound=run.MAX_SEED,
+)
 flags.DEFINE_integer(
     "fisher_interval", 50,
     "Probe the Gram matrix at steps 1, 1+N, 1+2N, ... of each epoch; 1 "
@@ -104,7 +107,8 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "output_dir", None,
     "Run folder for the configuration, CSV files, TensorBoard events and "
-    "summary. Default: a new folder runs/DATASET-MODEL-TIME.",
+    "summary. Default: a new folder runs/DATASET-MODEL-TIME, with -2, -3, "
+    "... added when runs start in the same second.",
 )
 flags.DEFINE_bool(
     "overwrite", False,
@@ -237,8 +241,56 @@ def _output_dir():
     """Return --output_dir, or a new folder named by dataset, model and time."""
     if FLAGS.output_dir:
         return os.path.expanduser(FLAGS.output_dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", f"{FLAGS.dataset}-{FLAGS.model}-{stamp}")
+    return os.path.join(
+        DEFAULT_RUNS_DIR, f"{FLAGS.dataset}-{FLAGS.model}-{_timestamp()}"
+    )
+
+
+# Parent folder of the default run folders, relative to the working
+# directory.
+DEFAULT_RUNS_DIR = "runs"
+
+
+def _timestamp():
+    """Return the local time as YYYYMMDD-HHMMSS, for default folder names."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _create_default_output_dir(path):
+    """Create the default run folder `path` and return it.
+
+    Runs started in the same second get the same default name, so when
+    `path` exists the folder is the first of `path-2`, `path-3`, ... that
+    does not exist. `os.makedirs` raises FileExistsError for an existing
+    folder, so two runs cannot claim the same one.
+    """
+    candidate = path
+    number = 1
+    while True:
+        try:
+            os.makedirs(candidate)
+        except FileExistsError:
+            number += 1
+            candidate = f"{path}-{number}"
+        else:
+            return candidate
+
+
+def _check_schedule_fits(num_train):
+    """Raise ValueError, naming --schedule, if a batch size of the schedule
+    is larger than the `num_train` training examples."""
+    from tf_fisher import schedules
+
+    if not FLAGS.schedule:
+        return
+    largest = max(schedules.schedule_batch_sizes(FLAGS.schedule))
+    if largest > num_train:
+        raise ValueError(
+            f"Invalid --schedule={FLAGS.schedule}: its largest batch size, "
+            f"{largest}, is larger than the {num_train} training examples. "
+            f"Choose a schedule whose batch sizes are at most {num_train}, "
+            "or list them with --batch_sizes."
+        )
 
 
 def _batch_schedule():
@@ -332,13 +384,23 @@ def main(argv):
                 config, schedule=f"adaptive-{policy.name}"
             )
         # Every check runs before an earlier run's records are deleted.
-        run.check_run_folder(config.output_dir, FLAGS.overwrite)
+        if FLAGS.output_dir:
+            run.check_run_folder(config.output_dir, FLAGS.overwrite)
+        else:
+            run.check_folder_path(DEFAULT_RUNS_DIR)
         splits = data.load_dataset(config.dataset, config.data_dir)
         if policy is None:
+            _check_schedule_fits(splits.num_train)
             run.check_run(config, splits.num_train)
         else:
             adaptive.check_run(config, policy, splits.num_train)
-        run.prepare_run_folder(config.output_dir, FLAGS.overwrite)
+        if FLAGS.output_dir:
+            run.prepare_run_folder(config.output_dir, FLAGS.overwrite)
+        else:
+            config = dataclasses.replace(
+                config,
+                output_dir=_create_default_output_dir(config.output_dir),
+            )
         started = True
         if policy is None:
             summary = run.train(config, splits)
