@@ -86,7 +86,7 @@ def test_overwrite_with_bad_input_keeps_run(tmp_path, capsys):
 
 
 def test_overwrite_with_bad_seed_keeps_run(tmp_path, capsys):
-    """A seed that NumPy refuses stops the run before --overwrite deletes
+    """A seed that NumPy rejects stops the run before --overwrite deletes
     the earlier one."""
     output_dir = tmp_path / "run"
     arguments = (f"--output_dir={output_dir}", "--epochs=1", "--batch_size=500")
