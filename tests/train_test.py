@@ -100,6 +100,9 @@ BAD_FLAGS = {
     "seed_above_numpy": ["--seed=4294967296"],
     # Its last stage trains at batch 4096, more than the 4,000 digits.
     "schedule_above_data": ["--schedule=s256-to-4096", "--epochs=5"],
+    # A schedule sets every batch size, so --batch_size would be ignored.
+    "batch_size_with_schedule": ["--batch_size=64", "--schedule=s32-to-512"],
+    "batch_size_with_list": ["--batch_size=64", "--batch_sizes=32,64"],
 }
 
 

@@ -57,8 +57,8 @@ flags.DEFINE_float(
 )
 flags.DEFINE_integer(
     "batch_size", 32,
-    "Mini-batch size for the whole run (ignored with --schedule or "
-    "--batch_sizes).",
+    "Mini-batch size for the whole run. Not allowed with --schedule or "
+    "--batch_sizes, which set every batch size.",
 )
 flags.DEFINE_string(
     "schedule", "",
@@ -302,6 +302,14 @@ def _batch_schedule():
             "Set either --schedule or --batch_sizes, not both. Received: "
             f"--schedule={FLAGS.schedule} --batch_sizes="
             f"{','.join(FLAGS.batch_sizes)}"
+        )
+    if FLAGS["batch_size"].present and (FLAGS.schedule or FLAGS.batch_sizes):
+        name = "--schedule" if FLAGS.schedule else "--batch_sizes"
+        value = FLAGS.schedule or ",".join(FLAGS.batch_sizes)
+        raise ValueError(
+            f"Set either --batch_size or {name}, not both, because {name} "
+            f"sets every batch size. Received: --batch_size="
+            f"{FLAGS.batch_size} {name}={value}"
         )
     if FLAGS.schedule:
         try:
