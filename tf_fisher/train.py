@@ -237,6 +237,11 @@ def config_from_flags():
     )
 
 
+# Parent folder of the default run folders, relative to the working
+# directory.
+DEFAULT_RUNS_DIR = "runs"
+
+
 def _output_dir():
     """Return --output_dir, or a new folder named by dataset, model and time."""
     if FLAGS.output_dir:
@@ -244,11 +249,6 @@ def _output_dir():
     return os.path.join(
         DEFAULT_RUNS_DIR, f"{FLAGS.dataset}-{FLAGS.model}-{_timestamp()}"
     )
-
-
-# Parent folder of the default run folders, relative to the working
-# directory.
-DEFAULT_RUNS_DIR = "runs"
 
 
 def _timestamp():
