@@ -156,6 +156,45 @@ def test_zero_gradients_give_nan_ratios():
         assert math.isnan(result[key]), key
 
 
+def test_cancelling_gradients_clamp_batch_norm():
+    # g3 = −(g1 + g2), so 1ᵀF1 = ‖Σ g_i‖² = 0 exactly, but summing the Gram
+    # matrix in float64 rounds it to a tiny negative number.
+    first = np.array([[0.1, 0.1], [0.1, 0.3]])
+    jacobian = np.concatenate([first, -first.sum(axis=0, keepdims=True)])
+    assert np.all(jacobian.sum(axis=0) == 0.0)
+    result = as_floats(
+        gradient_statistics.gradient_statistics(jacobian @ jacobian.T)
+    )
+    # A squared norm: 0, not a negative round-off value.
+    assert result["batch_gradient_sq_norm"] == 0.0
+    for key in ("norm_test_ratio", "inner_product_test_ratio"):
+        assert math.isnan(result[key]), key
+    # tr Σ̂ = Σ‖g_i‖² / (B − 1) = (0.02 + 0.1 + 0.2) / 2 when ḡ = 0.
+    assert result["gradient_variance"] == pytest.approx(0.16)
+
+
+def test_batch_gradient_scales_with_positions():
+    """With T loss values per example, an example's loss sums them while
+    Keras divides by B·T: ḡ is T times the gradient of the compiled mean
+    loss, so ‖ḡ‖² is T² times its squared norm."""
+    batch, positions = 6, 5
+    inputs = keras.Input((positions, 4))
+    hidden = keras.layers.Dense(7, activation="tanh")(inputs)
+    network = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(batch, positions, 4)).astype(np.float32)
+    y = rng.integers(0, 3, size=(batch, positions)).astype(np.int32)
+    matrix = gram.gram_matrix(network, loss_function(), x, y)
+    result = as_floats(gradient_statistics.gradient_statistics(matrix))
+    with tf.GradientTape() as tape:
+        mean_loss = loss_function()(y, network(x, training=True))
+    gradients = tape.gradient(mean_loss, network.trainable_variables)
+    mean_sq_norm = sum(float(tf.reduce_sum(g**2)) for g in gradients)
+    assert result["batch_gradient_sq_norm"] == pytest.approx(
+        positions**2 * mean_sq_norm, rel=1e-5
+    )
+
+
 def test_statistics_in_compiled_function():
     jacobian = np.random.default_rng(5).normal(size=(5, 8)) + 1.0
     matrix = tf.constant(jacobian @ jacobian.T, tf.float32)

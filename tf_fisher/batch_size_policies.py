@@ -213,7 +213,11 @@ class NormTestPolicy(BatchSizePolicy):
     Since E[tr Σ̂] = tr Σ and E[‖ḡ‖²] = |G|² + tr Σ / B, the ratio is about
     B_simple / (B + B_simple), below 1, and the test passes once
     B >= B_simple (1 − θ²) / θ²: about B_simple / 4 for θ = 0.9, 3 B_simple
-    for θ = 0.5.
+    for θ = 0.5. Byrd et al.'s request B · ratio / θ² assumes that ‖ḡ‖²
+    stays the same at the new size, but its noise term tr Σ / B falls. So
+    the request falls short of the size that passes: in expectation it is
+    below B / θ², which for θ >= 0.71 allows one doubling per decision,
+    however far the batch size is below B_simple (1 − θ²) / θ².
 
     Args:
         theta: θ of the test, in (0, 1). A smaller θ requires a less noisy

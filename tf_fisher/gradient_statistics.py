@@ -3,11 +3,19 @@
 Let g_1, ..., g_B be the per-example gradients of a batch (the columns of J,
 each the gradient of one example's loss, so the sum of the g_i is the
 gradient of the summed loss), F = Jᵀ J their Gram matrix (F_ij = g_iᵀ g_j),
-1 the all-ones vector and ḡ = (1/B) Σ_i g_i the batch gradient, which is
-the gradient of the mean-reduced training loss without weight decay. Every
-statistic below is a function of F alone:
+1 the all-ones vector and ḡ = (1/B) Σ_i g_i the batch gradient, the
+gradient of the mean of the B per-example losses, without weight decay and
+regularisers. With one loss value per example, that is the gradient of the
+mean-reduced training loss. With several loss values per example (a
+label per time step), an example's loss is the sum of its values, while
+Keras divides the batch's sum by the number n of values (of unmasked
+values, under a mask). ḡ is then n / B times the gradient of the
+mean-reduced loss, and ‖ḡ‖² is (n / B)² times its squared norm; the ratios
+and B_simple do not depend on such a scale. Every statistic below is a
+function of F alone:
 
-* ‖ḡ‖² = 1ᵀF1 / B² (`batch_gradient_sq_norm`);
+* ‖ḡ‖² = 1ᵀF1 / B² (`batch_gradient_sq_norm`; 0 where round-off makes
+  1ᵀF1 negative);
 * the mean ‖g_i‖² = Tr F / B (`example_gradient_sq_norm`);
 * tr Σ̂ = Σ_i ‖g_i − ḡ‖² / (B − 1) = (Tr F − 1ᵀF1 / B) / (B − 1), the
   unbiased estimate of the trace of the per-example gradient covariance
@@ -95,7 +103,9 @@ def gradient_statistics(gram):
     row_sums = tf.reduce_sum(gram, axis=1)  # F1, [batch]
     total = tf.reduce_sum(row_sums)  # 1ᵀF1
     trace = tf.linalg.trace(gram)
-    batch_sq_norm = total / batch**2
+    # 1ᵀF1 = ‖Σ_i g_i‖² >= 0, but round-off makes it slightly negative when
+    # the gradients cancel.
+    batch_sq_norm = tf.maximum(total, zero) / batch**2
     has_gradient = batch_sq_norm > 0
 
     nan = tf.constant(math.nan, tf.float64)
