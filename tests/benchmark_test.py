@@ -29,6 +29,27 @@ def test_reference_routes_match_fast_gram(digits):
         )
 
 
+def test_timed_reference_models_record_the_fast_measures(digits):
+    """The whole-model and loop models that the tool times record the
+    measures of the `fast` model for the same step of a network without
+    BatchNormalization, taken as in the timing: on a batch of unknown
+    size."""
+    x, y = benchmark.batch_of_digits("mlp", 8, digits)
+    recorded = {}
+    for variant in ("fast", "whole_model", "loop"):
+        model = benchmark.build_variant(variant, "mlp", seed=0)
+        model.make_train_function()
+        benchmark.run_step(variant, model, benchmark.repeated_batch(x, y))
+        recorded[variant] = model.read_probe_values()
+    assert recorded["fast"]["batch_size"] == 8
+    assert recorded["fast"]["lambda_max"] > 0
+    for variant in ("whole_model", "loop"):
+        for key, value in recorded["fast"].items():
+            assert recorded[variant][key] == pytest.approx(
+                value, rel=1e-4, abs=1e-6
+            ), (variant, key)
+
+
 def test_summary_ratios_overhead_and_interval():
     results = {
         "plain": {"median_ms": 10.0, "median_cpu_ms": 20.0},
@@ -143,10 +164,11 @@ def test_settings_deduplicate_batch_sizes():
     flag_values = benchmark.define_flags(flags.FlagValues())
     flag_values([
         "benchmark", "--batch_sizes=32,16,32", "--overhead_target=0.05",
-        "--variants=loop",
+        "--variants=loop", "--models=resnet8,mlp,resnet8",
     ])
     settings = benchmark.settings_from_flags(flag_values)
     assert settings["batch_sizes"] == [16, 32]
+    assert settings["models"] == ["resnet8", "mlp"]
     assert settings["overhead_target"] == pytest.approx(0.05)
     assert settings["variants"] == ["plain", "loop"]
 
@@ -173,3 +195,15 @@ def test_output_path_is_checked(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     with pytest.raises(ValueError, match="part of its folder path"):
         benchmark.check_output_path(str(tmp_path / "afile" / "x.json"))
+
+
+def test_output_path_that_cannot_be_written_is_rejected(tmp_path):
+    """The tool writes through `<output>.tmp`; a path where that file cannot
+    be created fails before any timing, and leaves nothing behind."""
+    output = tmp_path / "benchmark.json"
+    benchmark.check_output_path(str(output))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "benchmark.json.tmp").mkdir()
+    with pytest.raises(ValueError, match="cannot write .*benchmark.json.tmp"):
+        benchmark.check_output_path(str(output))
+    assert not output.exists()

@@ -40,14 +40,20 @@ steps. The table also gives the smallest N that keeps the overhead at most
 step, because they run the same ops. The `unprobed` ratio shows how close
 the two were in the run.
 
-Memory is the peak of the bytes in live tensors during one step minus the
-bytes held just before it, from the statistics of TensorFlow's CPU
-allocator (`tf.config.experimental.get_memory_info`; with oneDNN on, the
-default on x86, that allocator keeps them). It counts activations,
-gradients and temporaries, not the weights and optimizer slots held between
-steps, nor memory that TensorFlow's operations allocate outside tensors.
-The resident set size cannot show it, because the allocator keeps freed
-memory for reuse. It is measured on extra steps after the timed ones.
+Memory is the peak of the bytes that TensorFlow's CPU allocator holds for
+tensors during one step minus the bytes it held just before it, in MiB
+(2^20 bytes), from the allocator's statistics
+(`tf.config.experimental.get_memory_info`; with oneDNN on, the default on
+x86, the allocator keeps them). It counts activations, gradients and
+temporaries, not the weights and optimizer slots held between steps, nor
+memory that TensorFlow's operations allocate outside tensors. With oneDNN
+on, TensorFlow 2.21 serves tensors under 256 KiB outside the counted
+allocator, so they are left out, and the larger ones are counted as the
+allocator chunks that hold them, which can be up to twice their size (a
+33 MiB tensor counted 64 MiB). Differences of a few MiB between variants
+are therefore within the rounding. The resident set size cannot show the
+peak, because the allocator keeps freed memory for reuse. It is measured
+on extra steps after the timed ones.
 
 Full run (the default models and batch sizes; about 8 minutes on 2 CPU
 cores of an AMD EPYC, more on a busy machine), from the repository root:
@@ -376,11 +382,11 @@ def timed_step(variant, model, batches):
 
 
 def peak_step_memory_mb(variant, model, batches):
-    """Peak tensor memory of one step over the memory held before it, in MB.
+    """Peak tensor memory of one step over the memory held before it, in MiB.
 
-    Read from the statistics of TensorFlow's CPU allocator, which counts the
-    bytes of live tensors. Returns None where the allocator keeps no
-    statistics.
+    Read from the statistics of TensorFlow's CPU allocator, which count the
+    chunks that hold tensors of 256 KiB and more (see the module docstring).
+    Returns None where the allocator keeps no statistics.
     """
     try:
         tf.config.experimental.reset_memory_stats("CPU:0")
@@ -632,7 +638,7 @@ def format_table(report):
         "| step after a probe ms | whole-model ms "
         f"| loop ms | loop / fast | epoch overhead at N={interval} "
         f"| N for overhead ≤ {100 * target:g}% "
-        "| peak MB plain / fast / whole-model / loop |"
+        "| peak MiB plain / fast / whole-model / loop |"
     )
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     lines.extend(_table_row(cell) for cell in report["results"])
@@ -641,7 +647,12 @@ def format_table(report):
 
 def check_output_path(path):
     """Create the folder of the JSON file `path`, or raise ValueError naming
-    --output when `path` cannot be written as a file."""
+    --output when `path` cannot be written as a file.
+
+    The temporary file that `write_json_atomically` writes first is created
+    and removed here, so that a folder without write permission fails
+    before any timing, not after the first batch size.
+    """
     if os.path.isdir(path):
         raise ValueError(
             f"Invalid --output={path}: it is a folder. Pass a file name, "
@@ -660,6 +671,17 @@ def check_output_path(path):
             f"Invalid --output={path}: cannot create its folder "
             f"({error.strerror}). Pass a file in a writable folder."
         ) from error
+    temporary = f"{path}.tmp"
+    try:
+        with open(temporary, "w"):
+            pass
+        os.remove(temporary)
+    except OSError as error:
+        raise ValueError(
+            f"Invalid --output={path}: cannot write {temporary} "
+            f"({error.strerror}), which the results are written to before "
+            "they replace the file. Pass a file in a writable folder."
+        ) from error
 
 
 def _variants_to_time(requested):
@@ -672,10 +694,10 @@ def _variants_to_time(requested):
 
 
 def settings_from_flags(flag_values=FLAGS):
-    """Return the run's settings from parsed flags, batch sizes sorted and
-    without repeats."""
+    """Return the run's settings from parsed flags, models and batch sizes
+    without repeats, batch sizes sorted."""
     settings = {
-        "models": list(flag_values.models),
+        "models": list(dict.fromkeys(flag_values.models)),
         "batch_sizes": sorted({int(b) for b in flag_values.batch_sizes}),
         "variants": _variants_to_time(flag_values.variants),
         "repeats": flag_values.repeats,
