@@ -363,6 +363,40 @@ def test_augment_batch_deterministic_per_seed():
     assert not np.array_equal(first, other)
 
 
+def test_augment_batch_draws_flips_and_offsets_uniformly():
+    # He et al. (2016): flip with p = 0.5 and a crop offset uniform over
+    # the 2 * 4 + 1 = 9 positions of each axis. Every pixel of the 32 x 32
+    # image holds its own positive value, so the centre pixel of an output
+    # tells where the crop started and whether it was flipped.
+    size, padding, count = 32, data.CROP_PADDING, 3000
+    image = np.arange(1, size * size + 1, dtype=np.float32)
+    image = image.reshape(size, size, 1)
+    images = np.repeat(image[None], count, axis=0)
+    output = data.augment_batch(images, tf.constant([5, 1], tf.int64))
+    output = output.numpy()
+    draws = []
+    for i in range(count):
+        source = int(output[i, 16, 16, 0]) - 1
+        row, column = divmod(source, size)
+        flipped = output[i, 16, 17, 0] < output[i, 16, 16, 0]
+        if flipped:
+            column = size - 1 - column
+        draw = (flipped, row - 16 + padding, column - 16 + padding)
+        expected = _numpy_flip_and_crop(image, *draw, padding)
+        np.testing.assert_array_equal(output[i], expected)
+        draws.append(draw)
+    flips, rows, columns = (np.array(values) for values in zip(*draws))
+    # Bounds of 5 binomial standard deviations: a correct sampler fails
+    # them with probability below 1e-5.
+    assert abs(flips.mean() - 0.5) < 5 * math.sqrt(0.25 / count)
+    for offsets in (rows, columns):
+        counts = np.bincount(offsets, minlength=9)
+        assert counts.size == 9
+        expected_count = count / 9
+        spread = 5 * math.sqrt(count * (1 / 9) * (8 / 9))
+        assert np.all(np.abs(counts - expected_count) < spread), counts
+
+
 # DatasetSplits validation.
 
 

@@ -132,3 +132,64 @@ def test_step_decay_rate_reaches_optimizer():
         np.array(expected) / 2 * np.sqrt(trace),
         rtol=1e-5,
     )
+
+
+def torch_nesterov_biases(rates, gradient=1.0, momentum=0.9):
+    """Return the bias after each step of Torch's `optim.sgd` with Nesterov
+    momentum, dampening 0 and a constant gradient, as a plain loop."""
+    bias, velocity, biases = 0.0, 0.0, []
+    for rate in rates:
+        # Torch starts the velocity at the first gradient, which equals
+        # momentum * 0 + gradient.
+        velocity = momentum * velocity + gradient
+        bias -= rate * (gradient + momentum * velocity)
+        biases.append(bias)
+    return biases
+
+
+def test_step_decay_matches_torch_nesterov():
+    # The authors trained with Torch's optim.sgd, whose velocity does not
+    # include the rate. After a drop, the steps use the new rate only.
+    inputs = keras.Input((2,))
+    dense = keras.layers.Dense(1)
+    network = keras.Model(inputs, dense(inputs))
+    model = FisherModel(network, fisher_interval=1)
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            learning_rate=0.2, momentum=0.9, nesterov=True
+        ),
+        loss=output_as_loss,
+    )
+    x = np.array([[1.0, 2.0], [0.5, -1.0]], np.float32)
+    one_batch = tf.data.Dataset.from_tensor_slices((x, np.zeros(2))).batch(2)
+    recorder = RateRecorder(dense.bias)
+    decay = schedules.StepDecay(base_learning_rate=0.2, num_epochs=8)
+    # Two fit calls, as two batch-size stages. The momentum carries over.
+    model.fit(one_batch, epochs=5, callbacks=[decay, recorder], verbose=0)
+    model.fit(
+        one_batch, initial_epoch=5, epochs=8,
+        callbacks=[decay, recorder], verbose=0,
+    )
+
+    rates = [0.2] * 4 + [0.02] * 2 + [0.002] * 2
+    np.testing.assert_allclose(recorder.batch_rates, rates, rtol=1e-6)
+    # The bias gradient of the mean output is 1 at every step.
+    np.testing.assert_allclose(
+        recorder.biases, torch_nesterov_biases(rates), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_step_decay_plain_sgd():
+    inputs = keras.Input((2,))
+    network = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model = FisherModel(network, fisher_interval=1)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=0.2), loss=output_as_loss
+    )
+    x = np.ones((2, 2), np.float32)
+    model.fit(x, np.zeros(2), batch_size=2, epochs=1, verbose=0)
+    decay = schedules.StepDecay(base_learning_rate=0.2, num_epochs=2)
+    decay.set_model(model)
+    decay.on_epoch_begin(1)
+    assert model.optimizer.momentums == []
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.02)
