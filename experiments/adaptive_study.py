@@ -83,8 +83,9 @@ def define_flags():
                       "configuration.")
     flags.DEFINE_list(
         "fixed_sizes", ["32", "64", "128", "256", "512"], "Fixed batch sizes. "
-        "The policies start at the smallest and stay within the smallest and "
-        "largest.",
+        "The policies stay within the smallest and largest. The norm-test "
+        "and noise-scale policies start at the smallest, the measure-guided "
+        "policy at --measure_first_batch_size.",
     )
     flags.DEFINE_list(
         "schedules",

@@ -409,3 +409,22 @@ def test_bad_flag_is_rejected(runs, name):
     assert value in errors[0]
     # Rejected before anything is written: no run folder at all.
     assert not folder.exists()
+
+
+@pytest.mark.parametrize(
+    "module, flag, listed",
+    [
+        ("tf_fisher.train", "--helpfull", "--fisher_interval"),
+        ("experiments.sweep", "--help", "--dry_run"),
+        ("tools.report", "--helpshort", "--reference"),
+    ],
+)
+def test_help_exits_with_status_zero(module, flag, listed):
+    """Help is a successful request: status 0, as with argparse, where
+    absl exits with status 1."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, flag], cwd=REPOSITORY,
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert listed in result.stdout

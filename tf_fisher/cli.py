@@ -14,6 +14,9 @@ def parse_flags(argv, flag_values=flags.FLAGS):
 
     On an invalid flag value, print the error and exit with status 2 instead
     of absl's status 1 and its full usage text.
+
+    After --help, --helpshort or --helpfull has printed the help, exit
+    with status 0, where absl exits with status 1.
     """
     try:
         return flag_values(argv)
@@ -23,6 +26,12 @@ def parse_flags(argv, flag_values=flags.FLAGS):
             file=sys.stderr,
         )
         sys.exit(2)
+    except SystemExit as exit_request:
+        # absl's help flags print the help, then exit with status 1. A flag
+        # error is raised as flags.Error above, so status 1 means help.
+        if exit_request.code == 1:
+            sys.exit(0)
+        raise
 
 
 def check_arguments(argv, count, usage):

@@ -457,6 +457,8 @@ def parse_flags(argv, flag_values=flags.FLAGS):
     `tf_fisher.cli.parse_flags` does for the other programs. That module is
     not imported because importing tf_fisher imports TensorFlow, which the
     report never needs.
+ After a
+    help flag has printed the help, exit with status 0, not absl's 1.
     """
     try:
         return flag_values(argv)
@@ -466,6 +468,12 @@ def parse_flags(argv, flag_values=flags.FLAGS):
             file=sys.stderr,
         )
         sys.exit(2)
+    except SystemExit as exit_request:
+        # absl's help flags print the help, then exit with status 1. A flag
+        # error is raised as flags.Error above, so status 1 means help.
+        if exit_request.code == 1:
+            sys.exit(0)
+        raise
 
 
 def main(argv, flag_values=flags.FLAGS):

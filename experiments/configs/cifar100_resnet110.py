@@ -1,7 +1,7 @@
 """The CIFAR-100 grid of Liao et al. 2020 for ResNet-110, for a GPU.
 
-    python -m experiments.sweep cifar100_resnet110 \
-        --output_dir=runs/cifar100_resnet110 --jobs=1 \
+    python -m experiments.sweep cifar100_resnet110 \\
+        --output_dir=runs/cifar100_resnet110 --jobs=1 \\
         --data_dir=~/tensorflow_datasets
     python -m tools.report runs/cifar100_resnet110
 

@@ -1,7 +1,7 @@
 """The MNIST grid of Liao et al. 2020 for DenseNet-8, for a GPU.
 
-    python -m experiments.sweep mnist_densenet8 \
-        --output_dir=runs/mnist_densenet8 --jobs=1 \
+    python -m experiments.sweep mnist_densenet8 \\
+        --output_dir=runs/mnist_densenet8 --jobs=1 \\
         --data_dir=~/tensorflow_datasets
     python -m tools.report runs/mnist_densenet8
 

@@ -1,7 +1,7 @@
 """The SVHN grid of Liao et al. 2020 for DenseNet-110, for a GPU.
 
-    python -m experiments.sweep svhn_densenet110 \
-        --output_dir=runs/svhn_densenet110 --jobs=1 \
+    python -m experiments.sweep svhn_densenet110 \\
+        --output_dir=runs/svhn_densenet110 --jobs=1 \\
         --data_dir=~/tensorflow_datasets
     python -m tools.report runs/svhn_densenet110
 
