@@ -10,8 +10,8 @@ mean-reduced training loss. With several loss values per example (a
 label per time step), an example's loss is the sum of its values, while
 Keras divides the batch's sum by the number n of values (of unmasked
 values, under a mask). ḡ is then n / B times the gradient of the
-mean-reduced loss, and ‖ḡ‖² is (n / B)² times its squared norm; the ratios
-and B_simple do not depend on such a scale. Every statistic below is a
+mean-reduced loss, and ‖ḡ‖² is (n / B)² times its squared norm. The
+ratios and B_simple do not depend on such a scale. Every statistic below is a
 function of F alone:
 
 * ‖ḡ‖² = 1ᵀF1 / B² (`batch_gradient_sq_norm`; 0 where round-off makes

@@ -78,7 +78,7 @@ class FisherModel(keras.Model):
     example i's loss, so J is B times what the mean-reduced training loss
     gives. The compiled loss, and each output's loss of a model with
     several outputs, must therefore reduce by "sum_over_batch_size" (the
-    Keras default) or "mean", which Keras computes the same way; `compile`
+    Keras default) or "mean", which Keras computes the same way. `compile`
     rejects other reductions and loss scaling for mixed precision. Weight
     decay, when set, is added to the gradients as `weight_decay * w` before
     the optimizer (L2 regularisation, as Torch's SGD applies it) and is not
