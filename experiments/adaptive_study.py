@@ -105,7 +105,8 @@ def define_flags():
     flags.DEFINE_float("norm_test_theta", 0.9, "θ of the norm-test policy.")
     flags.DEFINE_integer(
         "measure_first_batch_size", 0, "First batch size of the measure-guided "
-        "policy, within the range of --fixed_sizes; 0 takes the largest.", lower_bound=0,
+        "policy, within the range of --fixed_sizes. 0 takes the largest.",
+        lower_bound=0,
     )
     flags.DEFINE_float(
         "noise_scale_multiplier", 1.0, "Target batch size of the "
