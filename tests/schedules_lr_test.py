@@ -92,25 +92,37 @@ def output_as_loss(y_true, y_pred):
     return y_pred[:, 0]
 
 
-def test_step_decay_rate_reaches_optimizer():
+def bias_model(optimizer):
+    """Return a FisherModel over one Dense unit of 2 inputs, compiled with
+    `optimizer` and `output_as_loss`, and its Dense layer."""
     inputs = keras.Input((2,))
     dense = keras.layers.Dense(1)
-    network = keras.Model(inputs, dense(inputs))
-    model = FisherModel(network, fisher_interval=1)
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=0.5), loss=output_as_loss
-    )
-    x = np.array([[1.0, 2.0], [0.5, -1.0]], np.float32)
-    one_batch = tf.data.Dataset.from_tensor_slices((x, np.zeros(2))).batch(2)
+    model = FisherModel(keras.Model(inputs, dense(inputs)), fisher_interval=1)
+    model.compile(optimizer=optimizer, loss=output_as_loss)
+    return model, dense
+
+
+# The one batch of two examples that the step-decay tests train on.
+TWO_EXAMPLES = np.array([[1.0, 2.0], [0.5, -1.0]], np.float32)
+
+
+def one_batch():
+    return tf.data.Dataset.from_tensor_slices(
+        (TWO_EXAMPLES, np.zeros(2))
+    ).batch(2)
+
+
+def test_step_decay_rate_reaches_optimizer():
+    model, dense = bias_model(keras.optimizers.SGD(learning_rate=0.5))
     recorder = RateRecorder(dense.bias)
     fisher = callbacks.FisherCallback()
     decay = schedules.StepDecay(base_learning_rate=0.2, num_epochs=8)
     # Two fit calls, as two batch-size stages: the rate follows the epoch.
     model.fit(
-        one_batch, epochs=3, callbacks=[decay, recorder, fisher], verbose=0
+        one_batch(), epochs=3, callbacks=[decay, recorder, fisher], verbose=0
     )
     model.fit(
-        one_batch, initial_epoch=3, epochs=8,
+        one_batch(), initial_epoch=3, epochs=8,
         callbacks=[decay, recorder, fisher], verbose=0,
     )
 
@@ -121,7 +133,7 @@ def test_step_decay_rate_reaches_optimizer():
     np.testing.assert_allclose(steps, expected, rtol=1e-5, atol=1e-6)
     # The sample rows carry the rate, and l_k = (α / B) sqrt(Tr F) uses it:
     # here J's column i is [x_i, 1], so Tr F = Σ_i (‖x_i‖² + 1).
-    trace = float((x**2).sum() + 2)
+    trace = float((TWO_EXAMPLES**2).sum() + 2)
     rows = fisher.samples
     assert [row["epoch"] for row in rows] == list(range(1, 9))
     np.testing.assert_allclose(
@@ -150,24 +162,15 @@ def torch_nesterov_biases(rates, gradient=1.0, momentum=0.9):
 def test_step_decay_matches_torch_nesterov():
     # The authors trained with Torch's optim.sgd, whose velocity does not
     # include the rate. After a drop, the steps use the new rate only.
-    inputs = keras.Input((2,))
-    dense = keras.layers.Dense(1)
-    network = keras.Model(inputs, dense(inputs))
-    model = FisherModel(network, fisher_interval=1)
-    model.compile(
-        optimizer=keras.optimizers.SGD(
-            learning_rate=0.2, momentum=0.9, nesterov=True
-        ),
-        loss=output_as_loss,
+    model, dense = bias_model(
+        keras.optimizers.SGD(learning_rate=0.2, momentum=0.9, nesterov=True)
     )
-    x = np.array([[1.0, 2.0], [0.5, -1.0]], np.float32)
-    one_batch = tf.data.Dataset.from_tensor_slices((x, np.zeros(2))).batch(2)
     recorder = RateRecorder(dense.bias)
     decay = schedules.StepDecay(base_learning_rate=0.2, num_epochs=8)
     # Two fit calls, as two batch-size stages. The momentum carries over.
-    model.fit(one_batch, epochs=5, callbacks=[decay, recorder], verbose=0)
+    model.fit(one_batch(), epochs=5, callbacks=[decay, recorder], verbose=0)
     model.fit(
-        one_batch, initial_epoch=5, epochs=8,
+        one_batch(), initial_epoch=5, epochs=8,
         callbacks=[decay, recorder], verbose=0,
     )
 
@@ -180,12 +183,7 @@ def test_step_decay_matches_torch_nesterov():
 
 
 def test_step_decay_plain_sgd():
-    inputs = keras.Input((2,))
-    network = keras.Model(inputs, keras.layers.Dense(1)(inputs))
-    model = FisherModel(network, fisher_interval=1)
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=0.2), loss=output_as_loss
-    )
+    model, _ = bias_model(keras.optimizers.SGD(learning_rate=0.2))
     x = np.ones((2, 2), np.float32)
     model.fit(x, np.zeros(2), batch_size=2, epochs=1, verbose=0)
     decay = schedules.StepDecay(base_learning_rate=0.2, num_epochs=2)
