@@ -366,7 +366,7 @@ def test_augment_batch_deterministic_per_seed():
 def test_augment_batch_draws_flips_and_offsets_uniformly():
     # He et al. (2016): flip with p = 0.5 and a crop offset uniform over
     # the 2 * 4 + 1 = 9 positions of each axis. Every pixel of the 32 x 32
-    # image holds its own positive value, so the centre pixel of an output
+    # image has its own positive value, so the centre pixel of an output
     # tells where the crop started and whether it was flipped.
     size, padding, count = 32, data.CROP_PADDING, 3000
     image = np.arange(1, size * size + 1, dtype=np.float32)
@@ -374,6 +374,7 @@ def test_augment_batch_draws_flips_and_offsets_uniformly():
     images = np.repeat(image[None], count, axis=0)
     output = data.augment_batch(images, tf.constant([5, 1], tf.int64))
     output = output.numpy()
+
     draws = []
     for i in range(count):
         source = int(output[i, 16, 16, 0]) - 1
@@ -385,9 +386,10 @@ def test_augment_batch_draws_flips_and_offsets_uniformly():
         expected = _numpy_flip_and_crop(image, *draw, padding)
         np.testing.assert_array_equal(output[i], expected)
         draws.append(draw)
+
     flips, rows, columns = (np.array(values) for values in zip(*draws))
     # Bounds of 5 binomial standard deviations: a correct sampler fails
-    # them with probability below 1e-5.
+    # one of these 19 checks with probability about 1e-5.
     assert abs(flips.mean() - 0.5) < 5 * math.sqrt(0.25 / count)
     for offsets in (rows, columns):
         counts = np.bincount(offsets, minlength=9)

@@ -41,10 +41,10 @@ MNIST5K_NUM_TRAIN = 4000
 CROP_PADDING = 4
 
 # Datasets with flip-and-crop augmentation during training.
-# NOTE: the paper says all its training used He et al.'s augmentation, and
-# the authors' published transforms include a random crop for MNIST, but
-# their MNIST and SVHN loaders are not published, so how or whether they
-# augmented those datasets is unknown. Only CIFAR is augmented here.
+# NOTE: the paper states that all its training used He et al.'s
+# augmentation, and the authors' published transforms include a random crop
+# for MNIST. Their MNIST and SVHN loaders are not published, so how or
+# whether they augmented those datasets is unknown. Only CIFAR is augmented.
 _AUGMENTED = frozenset({"cifar10", "cifar100"})
 # Datasets with 28 x 28 images that are zero-padded to 32 x 32.
 _MNIST_TYPE = frozenset({"mnist5k", "mnist"})
