@@ -43,17 +43,19 @@ the two were in the run.
 Memory is the peak of the bytes that TensorFlow's CPU allocator holds for
 tensors during one step minus the bytes it held just before it, in MiB
 (2^20 bytes), from the allocator's statistics
-(`tf.config.experimental.get_memory_info`; with oneDNN on, the default on
-x86, the allocator keeps them). It counts activations, gradients and
-temporaries, not the weights and optimizer slots held between steps, nor
-memory that TensorFlow's operations allocate outside tensors. With oneDNN
-on, TensorFlow 2.21 serves tensors under 256 KiB outside the counted
-allocator, so they are left out, and the larger ones are counted as the
-allocator chunks that hold them, which can be up to twice their size (a
-33 MiB tensor counted 64 MiB). Differences of a few MiB between variants
-are therefore within the rounding. The resident set size cannot show the
-peak, because the allocator keeps freed memory for reuse. It is measured
-on extra steps after the timed ones.
+(`tf.config.experimental.get_memory_info`). It counts activations,
+gradients and temporaries, not the weights and optimizer slots held between
+steps, nor memory that TensorFlow's operations allocate outside tensors.
+With its default allocator and oneDNN on, TensorFlow 2.21 serves tensors
+under 256 KiB outside the counted allocator, which would leave out every
+B x B matrix below B = 182. So the tool measures memory in a separate
+process for each model and batch size, started with
+TF_CPU_ALLOCATOR_USE_BFC=1: there TensorFlow's BFC allocator serves, and
+counts, every tensor. The timed steps keep the default allocator, the one
+training runs with. The BFC allocator counts the chunks that hold
+tensors, rounded up to 256 bytes; a chunk it reuses can be up to twice the
+size of the tensor put in it. The resident set size cannot show the peak,
+because the allocator keeps freed memory for reuse.
 
 Full run (the default models and batch sizes; about 8 minutes on 2 CPU
 cores of an AMD EPYC, more on a busy machine), from the repository root:
@@ -73,7 +75,9 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -104,6 +108,11 @@ INPUT_SHAPES = {
 NUM_CLASSES = 10
 VARIANTS = ("plain", "unprobed", "fast", "whole_model", "loop")
 
+# The environment variable, and its value, under which TensorFlow's CPU
+# allocator counts every tensor (see the module docstring). TensorFlow reads
+# it once, when it creates the allocator, so it is set for a new process.
+COUNT_ALL_TENSORS = ("TF_CPU_ALLOCATOR_USE_BFC", "1")
+
 # TensorFlow warnings that the benchmark causes on purpose and that need no
 # action: it builds one compiled step per variant from the same
 # Keras code, which TensorFlow reports as retracing, and the whole-model
@@ -112,6 +121,13 @@ VARIANTS = ("plain", "unprobed", "fast", "whole_model", "loop")
 _EXPECTED_WARNINGS = (
     "triggered tf.function retracing",
     "Conv2DBackpropFilter uses a while_loop",
+)
+
+
+# The folder that holds the `tools` package, from which the tool starts
+# itself for the memory pass.
+_REPOSITORY_ROOT = os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__))
 )
 
 
@@ -177,8 +193,15 @@ def define_flags(flag_values=flags.FLAGS):
         flag_values=flag_values,
     )
     flags.DEFINE_integer(
-        "memory_repeats", 2, "Extra steps per variant that measure peak "
-        "memory; 0 skips the memory measurement.", lower_bound=0,
+        "memory_repeats", 2, "Steps per variant that measure peak memory, "
+        "in a separate process for each model and batch size; 0 skips the "
+        "memory measurement.", lower_bound=0, flag_values=flag_values,
+    )
+    flags.DEFINE_boolean(
+        "memory_only", False, "Measure only the peak memory of one model "
+        "at one batch size and write it to --output. The tool starts "
+        "itself with this flag, in a process whose allocator counts every "
+        f"tensor ({COUNT_ALL_TENSORS[0]}={COUNT_ALL_TENSORS[1]}).",
         flag_values=flag_values,
     )
     flags.DEFINE_integer(
@@ -384,9 +407,10 @@ def timed_step(variant, model, batches):
 def peak_step_memory_mb(variant, model, batches):
     """Peak tensor memory of one step over the memory held before it, in MiB.
 
-    Read from the statistics of TensorFlow's CPU allocator, which count the
-    chunks that hold tensors of 256 KiB and more (see the module docstring).
-    Returns None where the allocator keeps no statistics.
+    Read from the statistics of TensorFlow's CPU allocator. Only in a
+    process started with `COUNT_ALL_TENSORS` do they count every tensor
+    (see the module docstring). Returns None where the allocator keeps no
+    statistics.
     """
     try:
         tf.config.experimental.reset_memory_stats("CPU:0")
@@ -424,13 +448,13 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
         variants: variant names to time.
         previous: dict variant -> (batch size, median seconds) of the last
             batch size timed; updated in place.
-        settings: dict with repeats, warmup, memory_repeats, budget_seconds
-            and seed.
+        settings: dict with repeats, warmup, memory_repeats (for the
+            budget estimate), budget_seconds and seed.
         digits: the `tf_fisher.data.DatasetSplits` of the digits.
 
     Returns:
-        Dict variant -> result dict (median_ms, times_ms, median_cpu_ms,
-        peak_memory_mb), or {"skipped": reason}.
+        Dict variant -> result dict (median_ms, times_ms, median_cpu_ms),
+        or {"skipped": reason}. `_add_memory` adds the peak memory.
     """
     x, y = batch_of_digits(model_name, batch_size, digits)
     results, runners = {}, {}
@@ -446,37 +470,92 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
         runners[variant] = build_variant(variant, model_name, settings["seed"])
 
     batches = repeated_batch(x, y)
-    for variant, model in runners.items():
-        # Builds the model and its optimizer, as `fit` does before its
-        # first step.
-        model.train_on_batch(x, y)
-        for _ in range(settings["warmup"]):
-            run_step(variant, model, batches)
+    _warm_up(runners, x, y, batches, settings["warmup"])
     times, cpu_times = _time_rounds(
         runners, batches, settings["repeats"], settings["seed"]
     )
     for name in times:
         median = statistics.median(times[name])
-        memory = []
-        # `after_probe` reuses the `unprobed` model, so it has no model,
-        # budget estimate or memory of its own.
+        # `after_probe` reuses the `unprobed` model, so it has no model or
+        # budget estimate of its own.
         if name in runners:
             previous[name] = (batch_size, median)
-            memory = [
-                peak_step_memory_mb(name, runners[name], batches)
-                for _ in range(settings["memory_repeats"])
-            ]
-        memory = [value for value in memory if value is not None]
         results[name] = {
             "median_ms": 1e3 * median,
             "times_ms": [1e3 * t for t in times[name]],
             "median_cpu_ms": 1e3 * statistics.median(cpu_times[name]),
-            "peak_memory_mb": max(memory) if memory else None,
         }
     del runners
     keras.backend.clear_session()
     gc.collect()
     return results
+
+
+def _warm_up(runners, x, y, batches, steps):
+    """Build each model and its optimizer, as `fit` does before its first
+    step, then run `steps` untimed steps, the first of which traces."""
+    for variant, model in runners.items():
+        model.train_on_batch(x, y)
+        for _ in range(steps):
+            run_step(variant, model, batches)
+
+
+def measure_memory(model_name, batch_size, variants, settings, digits):
+    """Return dict variant -> peak memory of a step in MiB, or None.
+
+    Each value is the largest of `settings["memory_repeats"]` steps, taken
+    after one untimed step. The values count every tensor only in a process
+    started with `COUNT_ALL_TENSORS`; `memory_in_new_process` starts one.
+    """
+    x, y = batch_of_digits(model_name, batch_size, digits)
+    runners = {
+        variant: build_variant(variant, model_name, settings["seed"])
+        for variant in variants
+    }
+    batches = repeated_batch(x, y)
+    _warm_up(runners, x, y, batches, 1)
+    peaks = {}
+    for variant, model in runners.items():
+        values = [
+            peak_step_memory_mb(variant, model, batches)
+            for _ in range(settings["memory_repeats"])
+        ]
+        values = [value for value in values if value is not None]
+        peaks[variant] = max(values) if values else None
+    return peaks
+
+
+def memory_in_new_process(model_name, batch_size, variants, settings):
+    """Run `measure_memory` in a new process that counts every tensor.
+
+    Returns:
+        Dict variant -> peak MiB or None; empty, with a warning that quotes
+        the process's error output, when the process fails.
+    """
+    variable, value = COUNT_ALL_TENSORS
+    with tempfile.TemporaryDirectory() as folder:
+        output = os.path.join(folder, "memory.json")
+        command = [
+            sys.executable, "-m", "tools.benchmark", "--memory_only",
+            f"--models={model_name}", f"--batch_sizes={batch_size}",
+            f"--variants={','.join(variants)}",
+            f"--memory_repeats={settings['memory_repeats']}",
+            f"--seed={settings['seed']}", f"--output={output}",
+        ]
+        completed = subprocess.run(
+            command, check=False, env=dict(os.environ, **{variable: value}),
+            cwd=_REPOSITORY_ROOT, capture_output=True, text=True,
+        )
+        if completed.returncode != 0:
+            logging.warning(
+                "The memory of %s at batch size %d was not measured: %s "
+                "exited with status %d:\n%s", model_name, batch_size,
+                " ".join(command), completed.returncode,
+                completed.stderr[-2000:],
+            )
+            return {}
+        with open(output) as results:
+            return json.load(results)
 
 
 def _over_budget(previous, variant, batch_size, settings):
@@ -601,7 +680,7 @@ def _time_column(variants, variant, with_ratio=True):
 
 def _memory_column(variants, variant):
     value = variants.get(variant, {}).get("peak_memory_mb")
-    return "-" if value is None else f"{value:.0f}"
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _table_row(cell):
@@ -716,6 +795,55 @@ def settings_from_flags(flag_values=FLAGS):
     return settings
 
 
+def _add_memory(results, model_name, batch_size, settings):
+    """Set `peak_memory_mb` of each timed variant in `results`, measured in
+    a new process."""
+    timed = [
+        variant for variant in VARIANTS
+        if "median_ms" in results.get(variant, {})
+    ]
+    logging.info(
+        "Measuring the memory of %s at batch size %d in a new process",
+        model_name, batch_size,
+    )
+    peaks = memory_in_new_process(model_name, batch_size, timed, settings)
+    for variant in timed:
+        results[variant]["peak_memory_mb"] = peaks.get(variant)
+
+
+def _memory_only(settings, digits):
+    """Write `measure_memory` of the one model and batch size to --output;
+    return the exit status."""
+    variable, value = COUNT_ALL_TENSORS
+    problem = None
+    if os.environ.get(variable) != value:
+        problem = (
+            f"--memory_only needs {variable}={value} in the environment "
+            "when TensorFlow starts, or the allocator leaves out small "
+            "tensors. Run the tool without --memory_only: it starts "
+            "itself with both for each model and batch size."
+        )
+    elif len(settings["models"]) != 1 or len(settings["batch_sizes"]) != 1:
+        problem = (
+            "--memory_only measures one model at one batch size; got "
+            f"--models={','.join(settings['models'])} and --batch_sizes="
+            f"{','.join(map(str, settings['batch_sizes']))}."
+        )
+    elif not FLAGS.output or not settings["memory_repeats"]:
+        problem = "--memory_only needs --output and --memory_repeats > 0."
+    if problem is not None:
+        print(f"Error: {problem}", file=sys.stderr)
+        return 2
+    # The variants asked for, without the ones `--variants` adds for timing.
+    variants = [variant for variant in VARIANTS if variant in FLAGS.variants]
+    peaks = measure_memory(
+        settings["models"][0], settings["batch_sizes"][0], variants,
+        settings, digits,
+    )
+    write_json_atomically(FLAGS.output, peaks)
+    return 0
+
+
 def main(argv):
     if not cli.check_arguments(argv, 0, "python -m tools.benchmark [flags]"):
         return 2
@@ -738,6 +866,8 @@ def main(argv):
     except ValueError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
+    if FLAGS.memory_only:
+        return _memory_only(settings, digits)
     for model_name in settings["models"]:
         previous = {}
         for batch_size in settings["batch_sizes"]:
@@ -746,6 +876,8 @@ def main(argv):
                 model_name, batch_size, settings["variants"], previous,
                 settings, digits,
             )
+            if settings["memory_repeats"]:
+                _add_memory(results, model_name, batch_size, settings)
             cell = {"model": model_name, "batch_size": batch_size}
             cell.update(summarise_cell(
                 results, settings["interval"], settings["overhead_target"]
