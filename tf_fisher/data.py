@@ -1,11 +1,13 @@
 """Image classification datasets and tf.data input pipelines for training."""
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 
 DATASET_NAMES = (
     "mnist5k", "mnist", "cifar10", "cifar100", "svhn_cropped",
@@ -132,6 +134,22 @@ class DatasetSplits:
     def num_test(self) -> int:
         """Number of test examples."""
         return int(self.test_labels.shape[0])
+
+    @functools.cached_property
+    def train_tensors(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """The training images and labels as tensors, converted once.
+
+        Every `train_pipeline` of these splits gathers from this copy, so
+        the pipelines of successive batch-size stages do not each hold a
+        copy of the training set until the garbage collector frees it.
+
+        NOTE: changes to train_images or train_labels after the first
+        pipeline is built do not reach later pipelines.
+        """
+        return (
+            tf.convert_to_tensor(self.train_images),
+            tf.convert_to_tensor(self.train_labels),
+        )
 
 
 def _check_images_labels(images, labels, split: str) -> None:
@@ -264,9 +282,13 @@ def check_prepared(name: str, data_dir: str | None = None) -> None:
     Raises:
         ValueError: if name is not one of DATASET_NAMES.
         DatasetNotFoundError: if the TFDS data is not prepared in data_dir,
-            or its folder is incomplete. mnist5k needs no preparation.
+            or its folder is incomplete: a metadata file or a shard file
+            that the metadata lists is missing. mnist5k needs no
+            preparation.
     """
-    _prepared_builder(name, data_dir)
+    builder = _prepared_builder(name, data_dir)
+    if builder is not None:
+        _check_shard_files(builder, _needed_splits(name))
 
 
 def num_train_examples(name: str, data_dir: str | None = None) -> int:
@@ -274,7 +296,8 @@ def num_train_examples(name: str, data_dir: str | None = None) -> int:
 
     For a TFDS dataset the size comes from the metadata of its prepared
     folder. A program that starts many runs calls this first, so that a
-    batch size larger than the training set stops it with one error.
+    batch size larger than the training set, or a dataset that is missing
+    or incomplete, stops it with one error.
 
     Raises:
         ValueError: if name is not one of DATASET_NAMES.
@@ -283,6 +306,7 @@ def num_train_examples(name: str, data_dir: str | None = None) -> int:
     builder = _prepared_builder(name, data_dir)
     if builder is None:
         return MNIST5K_NUM_TRAIN
+    _check_shard_files(builder, _needed_splits(name))
     _, train_split = _TFDS_SOURCES[name]
     return sum(
         int(builder.info.splits[split].num_examples)
@@ -305,15 +329,83 @@ def _prepared_builder(name: str, data_dir: str | None):
     builder = _tfds_builder(name, data_dir)
     # `_tfds_builder` has rejected an incomplete version folder.
     if not os.path.isdir(builder.data_dir):
-        raise DatasetNotFoundError(builder.name, str(builder.data_dir_root))
+        raise DatasetNotFoundError(
+            builder.name,
+            str(builder.data_dir_root),
+            _missing_folder_detail(builder),
+        )
     return builder
+
+
+def _needed_splits(name: str) -> list[str]:
+    """Returns the TFDS splits that `load_dataset` reads for `name`."""
+    _, train_split = _TFDS_SOURCES[name]
+    return train_split.split("+") + ["test"]
+
+
+def _missing_folder_detail(builder) -> str:
+    """Explains why the version folder of `builder` was not found."""
+    root = str(builder.data_dir_root)
+    if os.path.exists(root) and not os.path.isdir(root):
+        return f"{root} is a file, not a folder. "
+    dataset_folder = os.path.dirname(builder.data_dir)
+    if not os.path.isdir(dataset_folder):
+        return ""
+    versions = sorted(
+        entry for entry in os.listdir(dataset_folder)
+        if os.path.isdir(os.path.join(dataset_folder, entry))
+    )
+    if not versions:
+        return ""
+    return (
+        f"The folder {dataset_folder} contains version "
+        f"{', '.join(versions)}, but tensorflow-datasets {tfds.__version__} "
+        f"reads version {builder.version}, from {builder.data_dir}. "
+    )
+
+
+def _check_shard_files(builder, splits) -> None:
+    """Raises DatasetNotFoundError if a shard file that the metadata of
+    `builder` lists for one of `splits` is missing.
+
+    An interrupted copy can leave the metadata files without all the
+    shards, which TensorFlow would otherwise report as a NotFoundError in
+    the middle of reading.
+    """
+    for split in splits:
+        if split not in builder.info.splits:
+            continue
+        paths = builder.info.splits[split].filepaths
+        missing = [
+            os.fspath(path) for path in paths
+            if not os.path.exists(os.fspath(path))
+        ]
+        if missing:
+            detail = (
+                f"The folder {builder.data_dir} is incomplete: "
+                f"{len(missing)} of the {len(paths)} shard files of the "
+                f"{split!r} split are missing, for example {missing[0]}. "
+            )
+            raise DatasetNotFoundError(
+                builder.name, str(builder.data_dir_root), detail
+            )
 
 
 def _tfds_builder(name: str, data_dir: str | None):
     """Returns the TFDS builder of dataset `name`, raising
-    DatasetNotFoundError if its version folder exists but is incomplete."""
+    DatasetNotFoundError if its version folder exists but is incomplete or
+    its metadata is invalid."""
     tfds_name, _ = _TFDS_SOURCES[name]
-    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    try:
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+    except json_format.ParseError as error:
+        # A dataset_info.json cut short by an interrupted copy.
+        root = data_dir or tfds.core.constants.get_default_data_dir()
+        detail = (
+            f"Its metadata file dataset_info.json is incomplete or invalid: "
+            f"{error} "
+        )
+        raise DatasetNotFoundError(tfds_name, root, detail) from error
     # An interrupted copy or build leaves a version folder that TFDS would
     # otherwise report as a KeyError on the split names.
     if os.path.isdir(builder.data_dir) and not builder.is_prepared():
@@ -333,13 +425,29 @@ def _read_tfds(name: str, data_dir: str | None):
     builder = _tfds_builder(name, data_dir)
     data_dir_root = str(builder.data_dir_root)
     _, train_split = _TFDS_SOURCES[name]
+    # The folder is missing under tfds.testing.mock_data, which needs none.
+    if os.path.isdir(builder.data_dir):
+        _check_shard_files(builder, _needed_splits(name))
     try:
         train = _read_tfds_split(builder, train_split)
         test = _read_tfds_split(builder, "test")
     except AssertionError as error:
         # tensorflow-datasets 4.9.10 raises AssertionError from as_dataset
         # when the dataset folder is missing.
-        raise DatasetNotFoundError(builder.name, data_dir_root) from error
+        raise DatasetNotFoundError(
+            builder.name, data_dir_root, _missing_folder_detail(builder)
+        ) from error
+    except (tf.errors.NotFoundError, tf.errors.DataLossError) as error:
+        # A shard file that vanished, was cut short or is corrupted, for
+        # example by a copy that was still running.
+        detail = (
+            f"Reading the folder {builder.data_dir} failed, because a shard "
+            f"file is missing, truncated or corrupted: "
+            f"{error.message.strip()} "
+        )
+        raise DatasetNotFoundError(
+            builder.name, data_dir_root, detail
+        ) from error
     num_classes = builder.info.features["label"].num_classes
     return train, test, num_classes
 
@@ -412,14 +520,21 @@ def train_pipeline(
     Every iteration over the returned dataset is one epoch: the order is
     reshuffled, each example appears exactly once, and the last batch keeps
     the num_train % batch_size remaining examples when that is nonzero. The
-    pipeline shuffles indices and gathers the images from memory, so
-    rebuilding it with another batch size is cheap.
+    pipeline shuffles indices and gathers the images from
+    `splits.train_tensors`, a copy that all pipelines of `splits` share,
+    so rebuilding it with another batch size is cheap and makes no new
+    copy of the images.
 
     Args:
         splits: the dataset. Flip-and-crop augmentation is applied when
             splits.augment is true.
         batch_size: examples per batch, 1 <= batch_size <= splits.num_train.
         seed: non-negative seed of the shuffle and augmentation draws.
+            NOTE: tf.data combines it with TensorFlow's global seed
+            (`tf.random.set_seed`, which `keras.utils.set_random_seed`
+            sets), so the same seed gives the same orders only under the
+            same global seed. `tf_fisher.run.train` sets the global seed to
+            the run's seed before it builds any pipeline.
         epoch_seed_offset: non-negative number mixed into the seed, for
             example the first epoch of a training stage, so pipelines rebuilt
             with the same seed do not repeat the same epoch orders.
@@ -433,8 +548,7 @@ def train_pipeline(
     """
     _check_batch_size(batch_size, splits.num_train, splits.name)
     shuffle_seed, augment_seed = _derive_seeds(seed, epoch_seed_offset)
-    images = tf.convert_to_tensor(splits.train_images)
-    labels = tf.convert_to_tensor(splits.train_labels)
+    images, labels = splits.train_tensors
 
     indices = tf.data.Dataset.range(splits.num_train)
     indices = indices.shuffle(
