@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 from absl.testing import flagsaver
+from tensorboard.plugins.hparams import api_pb2
 
 from tf_fisher import FisherCallback
 from tf_fisher import FisherModel
@@ -505,29 +506,41 @@ def test_cli_adaptive_run_changes_batch_size(tmp_path):
     steps = sum(math.ceil(4000 / size) for size in used)
     assert summary["measures"]["num_iterations"] == steps
     assert float(epochs[-1]["num_iterations"]) == steps
-    hparams = recorded_hparams(output_dir / "tensorboard")
+    start, end = recorded_session(output_dir / "tensorboard")
+    hparams = {
+        name: getattr(item, item.WhichOneof("kind"))
+        for name, item in start.hparams.items()
+    }
     assert hparams["schedule"] == "adaptive-norm_test"
     assert hparams["batch_size"] == 64
+    assert end.status == api_pb2.STATUS_SUCCESS
 
 
-def recorded_hparams(folder):
-    """Return the hyperparameters of the HParams session start in the
+def recorded_session(folder):
+    """Return the HParams session start and end messages in the
     TensorBoard event files of `folder`."""
     import tensorflow as tf
     from tensorboard.plugins.hparams import metadata
 
-    (path,) = folder.glob("events.out.*")
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-        for value in event.summary.value:
-            if value.tag == metadata.SESSION_START_INFO_TAG:
-                start = metadata.parse_session_start_info_plugin_data(
-                    value.metadata.plugin_data.content
-                )
-                return {
-                    name: getattr(item, item.WhichOneof("kind"))
-                    for name, item in start.hparams.items()
-                }
-    raise AssertionError(f"No HParams session start in {path}")
+    parsers = {
+        metadata.SESSION_START_INFO_TAG:
+            metadata.parse_session_start_info_plugin_data,
+        metadata.SESSION_END_INFO_TAG:
+            metadata.parse_session_end_info_plugin_data,
+    }
+    found = {}
+    for path in sorted(folder.glob("events.out.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag in parsers:
+                    found[value.tag] = parsers[value.tag](
+                        value.metadata.plugin_data.content
+                    )
+    assert set(found) == set(parsers), f"HParams session in {folder}"
+    return (
+        found[metadata.SESSION_START_INFO_TAG],
+        found[metadata.SESSION_END_INFO_TAG],
+    )
 
 
 @pytest.mark.parametrize(

@@ -326,7 +326,11 @@ def hparams_dashboard(logdir):
 
     experiment = post("experiment", {"experimentName": ""})
     groups = post("session_groups", {
-        "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN"],
+        "experimentName": "",
+        "allowedStatuses": [
+            "STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
+            "STATUS_RUNNING",
+        ],
         "colParams": [], "startIndex": 0, "sliceSize": 100,
     })["sessionGroups"]
     return experiment, groups
@@ -347,6 +351,7 @@ def test_hparams_dashboard_lists_run(normal_run):
     (group,) = groups
     (session,) = group["sessions"]
     assert session["name"] == "tensorboard"
+    assert session["status"] == "STATUS_SUCCESS"
     hparams = group["hparams"]
     assert hparams["dataset"] == "mnist5k"
     assert hparams["model"] == "mlp"
@@ -393,6 +398,15 @@ def test_divergence_stops_and_keeps_rows(runs):
     assert summary["measures"]["num_iterations"] == last_step < 16
     assert summary["epochs_completed"] == len(epochs) == 1
     assert epochs[0]["num_iterations"] == last_step
+
+
+def test_hparams_dashboard_marks_divergence_failed(runs):
+    folder, code, stderr = runs["diverged"]
+    assert code == 3, stderr
+    _, groups = hparams_dashboard(folder)
+    (group,) = groups
+    (session,) = group["sessions"]
+    assert session["status"] == "STATUS_FAILURE"
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FLAGS))

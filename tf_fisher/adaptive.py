@@ -253,6 +253,7 @@ def train_adaptive(config, policy, splits=None):
     run.write_json_atomically(
         os.path.join(config.output_dir, "summary.json"), summary
     )
+    run.write_status(config.output_dir, summary["status"])
     logging.info(
         "Run %s: %s in %.1f s, %d steps, batch sizes %s, test error %.2f%%",
         config.output_dir, summary["status"], summary["wall_seconds"],

@@ -9,7 +9,7 @@ A run folder holds:
 * `tensorboard/`: event files; `train/` and `validation/` from Keras'
   TensorBoard callback, `fisher/` with the measures, and in the folder
   itself the hyperparameters for TensorBoard's HParams dashboard
-  (`write_hparams`).
+  (`write_hparams`) and, at the end, the run's status (`write_status`).
 * `summary.json`: written atomically at the end, with `status` "completed"
   or "diverged".
 """
@@ -31,6 +31,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams import (
     plugin_data_pb2 as hparams_plugin_data_pb2,
 )
+from tensorboard.plugins.hparams import summary as hparams_summary
 
 from tf_fisher import callbacks as fisher_callbacks
 from tf_fisher import data
@@ -411,6 +412,28 @@ def write_hparams(config, schedule=None):
     writer.close()
 
 
+def write_status(output_dir, status):
+    """Record how the run ended in `tensorboard/` of its folder.
+
+    The HParams dashboard then shows a "completed" run as a success and a
+    "diverged" one as a failure. A run that is still training, or that was
+    killed, has no status there (STATUS_UNKNOWN). TensorBoard keeps the
+    first status it reads for a run, so this is written once, at the end.
+    """
+    code = (
+        hparams_api_pb2.STATUS_SUCCESS if status == "completed"
+        else hparams_api_pb2.STATUS_FAILURE
+    )
+    writer = tf.summary.create_file_writer(
+        os.path.join(output_dir, "tensorboard")
+    )
+    with writer.as_default():
+        tf.summary.experimental.write_raw_pb(
+            hparams_summary.session_end_pb(code).SerializeToString(), step=0
+        )
+    writer.close()
+
+
 def _hparams_experiment(values):
     """Return the `Summary` that declares the HParams experiment.
 
@@ -545,6 +568,7 @@ def train(config, splits=None, model_class=FisherModel):
     write_json_atomically(
         os.path.join(config.output_dir, "summary.json"), summary
     )
+    write_status(config.output_dir, summary["status"])
     logging.info(
         "Run %s: %s in %.1f s, test error %.2f%%, C_K %.4g, L_K %.4g",
         config.output_dir, summary["status"], summary["wall_seconds"],
