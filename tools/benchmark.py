@@ -57,12 +57,14 @@ tensors, rounded up to 256 bytes; a chunk it reuses can be up to twice the
 size of the tensor put in it. The resident set size cannot show the peak,
 because the allocator keeps freed memory for reuse.
 
-Full run (the default models and batch sizes; about 8 minutes on 2 CPU
-cores of an AMD EPYC, more on a busy machine), from the repository root:
+Full run (the default models and batch sizes; about 28 minutes on 2 CPU
+cores of an Intel Xeon at 2.1 GHz, 11.5 of them in the memory processes),
+from the repository root:
 
     python -m tools.benchmark --output=/tmp/benchmark.json
 
-Smoke test (20 to 40 seconds on 2 CPU cores):
+Smoke test (about 100 seconds on the same machine, half of it in the
+memory processes):
 
     python -m tools.benchmark --quick
 """
