@@ -248,3 +248,24 @@ def test_memory_only_needs_allocator_setting(tmp_path):
     assert "TF_CPU_ALLOCATOR_USE_BFC=1" in completed.stderr
     assert "without --memory_only" in completed.stderr
     assert not output.exists()
+
+
+def test_timing_rejects_allocator_setting(tmp_path):
+    """The timed steps must run with the default allocator, as training
+    does, so the tool rejects an environment that switches every tensor to
+    the BFC allocator, before it times anything."""
+    output = tmp_path / "benchmark.json"
+    variable = benchmark.COUNT_ALL_TENSORS[0]
+    for value in ("1", "true"):
+        environment = dict(os.environ, **{variable: value})
+        completed = subprocess.run(
+            [sys.executable, "-m", "tools.benchmark", "--models=mlp",
+             "--batch_sizes=4", "--variants=fast", f"--output={output}"],
+            check=False, env=environment, cwd=benchmark._REPOSITORY_ROOT,
+            capture_output=True, text=True,
+        )
+        assert completed.returncode == 2, value
+        assert f"{variable}={value} is set" in completed.stderr
+        assert "Unset it" in completed.stderr
+        assert "Timing mlp" not in completed.stderr
+        assert not output.exists()

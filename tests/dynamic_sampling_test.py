@@ -618,3 +618,41 @@ def test_cli_process_bad_schedule(tmp_path):
 def test_flags_are_defined():
     for name in ("schedule", "batch_sizes", "batch_size", "epochs"):
         assert name in flags.FLAGS
+
+
+class StatusBlockingModel(FisherModel):
+    """A `FisherModel` whose `fit`, once done, puts a file where the run's
+    `tensorboard/` folder was, so that the HParams status cannot be
+    written there."""
+
+    def fit(self, *args, **kwargs):
+        history = super().fit(*args, **kwargs)
+        folder = os.path.join(self.run_folder, "tensorboard")
+        os.rename(folder, folder + ".moved")
+        with open(folder, "w") as blocker:
+            blocker.write("not a folder")
+        return history
+
+
+def test_failed_status_write_leaves_run_unfinished(small_digits, tmp_path):
+    """summary.json marks a run finished, and a sweep skips such a run, so
+    a run whose HParams status was not written must not have one."""
+    output_dir = tmp_path / "run"
+    config = run.RunConfig(
+        epochs=1,
+        learning_rate=BASE_RATE,
+        batch_sizes=(16,),
+        stage_epochs=[[0, 1]],
+        output_dir=str(output_dir),
+    )
+
+    def make_model(*args, **kwargs):
+        model = StatusBlockingModel(*args, **kwargs)
+        model.run_folder = str(output_dir)
+        return model
+
+    with pytest.raises(tf.errors.OpError):
+        run.train(config, splits=small_digits, model_class=make_model)
+    assert (output_dir / "epochs.csv").exists()
+    assert not (output_dir / "summary.json").exists()
+    assert run.read_summary(str(output_dir)) is None

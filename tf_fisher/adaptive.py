@@ -250,10 +250,12 @@ def train_adaptive(config, policy, splits=None):
     model = run.build_fisher_model(config, splits)
     run.write_hparams(config, _schedule_name(config, policy))
     summary = _fit_with_policy(model, config, splits, policy)
+    # A sweep skips a run whose folder has summary.json, so the status is
+    # written first: a run stopped between the two writes is rerun.
+    run.write_status(config.output_dir, summary["status"])
     run.write_json_atomically(
         os.path.join(config.output_dir, "summary.json"), summary
     )
-    run.write_status(config.output_dir, summary["status"])
     logging.info(
         "Run %s: %s in %.1f s, %d steps, batch sizes %s, test error %.2f%%",
         config.output_dir, summary["status"], summary["wall_seconds"],

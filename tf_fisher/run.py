@@ -565,10 +565,12 @@ def train(config, splits=None, model_class=FisherModel):
     model = build_fisher_model(config, splits, model_class)
     write_hparams(config)
     summary = _fit_stages(model, config, splits, stages)
+    # A sweep skips a run whose folder has summary.json, so the status is
+    # written first: a run stopped between the two writes is rerun.
+    write_status(config.output_dir, summary["status"])
     write_json_atomically(
         os.path.join(config.output_dir, "summary.json"), summary
     )
-    write_status(config.output_dir, summary["status"])
     logging.info(
         "Run %s: %s in %.1f s, test error %.2f%%, C_K %.4g, L_K %.4g",
         config.output_dir, summary["status"], summary["wall_seconds"],

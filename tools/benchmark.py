@@ -48,7 +48,7 @@ gradients and temporaries, not the weights and optimizer slots held between
 steps, nor memory that TensorFlow's operations allocate outside tensors.
 With its default allocator and oneDNN on, TensorFlow 2.21 serves tensors
 under 256 KiB outside the counted allocator, which would leave out every
-B x B matrix below B = 182. So the tool measures memory in a separate
+float64 B x B matrix below B = 182. So the tool measures memory in a separate
 process for each model and batch size, started with
 TF_CPU_ALLOCATOR_USE_BFC=1: there TensorFlow's BFC allocator serves, and
 counts, every tensor. The timed steps keep the default allocator, the one
@@ -870,6 +870,17 @@ def main(argv):
         return 2
     if FLAGS.memory_only:
         return _memory_only(settings, digits)
+    variable, _ = COUNT_ALL_TENSORS
+    # TensorFlow reads "1" and "true", in any case, as on.
+    if os.environ.get(variable, "").lower() in ("1", "true"):
+        print(
+            f"Error: {variable}={os.environ[variable]} is set, so the timed "
+            "steps would run with the BFC allocator instead of the default "
+            "one that training uses. Unset it: the tool sets it itself for "
+            "the memory processes.",
+            file=sys.stderr,
+        )
+        return 2
     for model_name in settings["models"]:
         previous = {}
         for batch_size in settings["batch_sizes"]:
