@@ -52,8 +52,8 @@ float64 B x B matrix below B = 182. So the tool measures memory in a separate
 process for each model and batch size, started with
 TF_CPU_ALLOCATOR_USE_BFC=1: there TensorFlow's BFC allocator serves, and
 counts, every tensor. The timed steps keep the default allocator, the one
-training runs with. The BFC allocator counts the chunks that hold
-tensors, rounded up to 256 bytes; a chunk it reuses can be up to twice the
+training runs with. The BFC allocator counts the chunks that contain
+tensors, rounded up to 256 bytes. A chunk it reuses can be up to twice the
 size of the tensor put in it. The resident set size cannot show the peak,
 because the allocator keeps freed memory for reuse.
 
@@ -126,7 +126,7 @@ _EXPECTED_WARNINGS = (
 )
 
 
-# The folder that holds the `tools` package, from which the tool starts
+# The folder that contains the `tools` package, from which the tool starts
 # itself for the memory pass.
 _REPOSITORY_ROOT = os.path.dirname(
     os.path.dirname(os.path.abspath(__file__))
