@@ -654,6 +654,17 @@ def _write_prepared_cifar10(data_dir, sizes):
     return builder, examples
 
 
+def _cifar10_loader_errors(data_dir):
+    """Return the DatasetNotFoundError messages that `check_prepared` and
+    `load_dataset` raise for cifar10 in `data_dir`; each must raise."""
+    messages = []
+    for function in (data.check_prepared, data.load_dataset):
+        with pytest.raises(data.DatasetNotFoundError) as error:
+            function("cifar10", str(data_dir))
+        messages.append(str(error.value))
+    return messages
+
+
 def _shard_path(builder, split):
     (path,) = builder.info.splits[split].filepaths
     return os.fspath(path)
@@ -690,10 +701,7 @@ def test_tfds_missing_shard_raises(tmp_path, no_network, split):
     builder, _ = _write_prepared_cifar10(tmp_path, {"train": 6, "test": 4})
     missing = _shard_path(builder, split)
     os.remove(missing)
-    for function in (data.check_prepared, data.load_dataset):
-        with pytest.raises(data.DatasetNotFoundError) as error:
-            function("cifar10", str(tmp_path))
-        message = str(error.value)
+    for message in _cifar10_loader_errors(tmp_path):
         assert "incomplete" in message
         assert missing in message
         assert f"tfds build cifar10 --data_dir={tmp_path}" in message
@@ -717,10 +725,7 @@ def test_tfds_truncated_metadata_raises(tmp_path, no_network):
     builder, _ = _write_prepared_cifar10(tmp_path, {"train": 6, "test": 4})
     path = os.path.join(builder.data_dir, "dataset_info.json")
     os.truncate(path, os.path.getsize(path) // 2)
-    for function in (data.check_prepared, data.load_dataset):
-        with pytest.raises(data.DatasetNotFoundError) as error:
-            function("cifar10", str(tmp_path))
-        message = str(error.value)
+    for message in _cifar10_loader_errors(tmp_path):
         assert "dataset_info.json is incomplete or invalid" in message
         assert f"tfds build cifar10 --data_dir={tmp_path}" in message
     assert no_network == []
@@ -731,10 +736,7 @@ def test_tfds_other_version_named(tmp_path, no_network):
     other = os.path.join(tmp_path, "cifar10", "1.0.0")
     os.makedirs(other)
     builder.info.write_to_directory(other)
-    for function in (data.check_prepared, data.load_dataset):
-        with pytest.raises(data.DatasetNotFoundError) as error:
-            function("cifar10", str(tmp_path))
-        message = str(error.value)
+    for message in _cifar10_loader_errors(tmp_path):
         assert "contains version 1.0.0" in message
         assert f"reads version {builder.version}" in message
         assert builder.data_dir in message
