@@ -344,7 +344,8 @@ def _needed_splits(name: str) -> list[str]:
 
 
 def _missing_folder_detail(builder) -> str:
-    """Explains why the version folder of `builder` was not found."""
+    """Returns why the version folder of `builder` was not found, or ""
+    when no cause is known."""
     root = str(builder.data_dir_root)
     if os.path.exists(root) and not os.path.isdir(root):
         return f"{root} is a file, not a folder. "
