@@ -323,6 +323,52 @@ def test_conv_any_map_size_matches_loop():
     assert_gram_close(compiled(x, y), single_example_gram(model, x, y))
 
 
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+@pytest.mark.parametrize(
+    "input_size, conv_options",
+    [
+        ((8, 8), {"kernel_size": 3, "padding": "same"}),
+        ((16, 16), {"kernel_size": 3, "strides": 2, "padding": "same"}),
+        ((9, 7), {"kernel_size": 3, "strides": 2, "padding": "same"}),
+        ((10, 11), {"kernel_size": (2, 5), "strides": (3, 2),
+                    "padding": "same"}),
+        ((9, 9), {"kernel_size": 3, "strides": (2, 1), "padding": "valid"}),
+        ((7, 10), {"kernel_size": 5, "strides": 3, "padding": "valid"}),
+        ((9, 9), {"kernel_size": 3, "dilation_rate": 2, "padding": "same"}),
+        ((9, 12), {"kernel_size": (2, 3), "dilation_rate": (1, 3),
+                   "padding": "valid"}),
+        ((5, 5), {"kernel_size": 1, "strides": 2, "padding": "valid"}),
+    ],
+    ids=[
+        "3x3", "stride2", "stride2_odd", "uneven", "valid_stride_2x1",
+        "valid_stride3", "dilated", "dilated_uneven", "1x1_stride2",
+    ],
+)
+def test_conv_patches_match_extract_patches(input_size, conv_options, static):
+    """The patches from shifted views equal those of TensorFlow's own op,
+    one for each of the layer's output positions."""
+    layer = keras.layers.Conv2D(2, **conv_options)
+    layer.build((None, *input_size, 3))
+    x = tf.constant(
+        np.random.default_rng(13).normal(size=(4, *input_size, 3)),
+        tf.float32,
+    )
+    batch = 4 if static else None
+    patches = tf.function(
+        lambda x: gram._conv_patches(layer, x),
+        input_signature=[tf.TensorSpec([batch, *input_size, 3])],
+    )(x)
+    expected = tf.image.extract_patches(
+        x,
+        sizes=[1, *layer.kernel_size, 1],
+        strides=[1, *layer.strides, 1],
+        rates=[1, *layer.dilation_rate, 1],
+        padding=layer.padding.upper(),
+    )
+    assert patches.shape[1:3] == layer(x).shape[1:3]
+    np.testing.assert_array_equal(patches.numpy(), expected.numpy())
+
+
 # BatchNormalization: the per-layer tape is the reference.
 
 
