@@ -217,7 +217,7 @@ def test_memory_pass_counts_small_tensors(digits):
     tensor. In ResNet-8 at batch 2 every tensor is under 256 KiB, which the
     default allocator leaves out, so a peak of zero there would mean the
     pass missed them."""
-    settings = {"memory_repeats": 1, "seed": 0}
+    settings = {"memory_repeats": 1, "seed": 0, "memory_timeout_seconds": 600}
     peaks = benchmark.memory_in_new_process(
         "resnet8", 2, ["plain", "fast"], settings
     )
@@ -227,6 +227,26 @@ def test_memory_pass_counts_small_tensors(digits):
     # least 256 KiB are held at once.
     for variant, peak in peaks.items():
         assert peak >= 2 * 2 * 32 * 32 * 16 * 4 / 2**20, variant
+
+
+def test_memory_process_timeout(caplog):
+    """A memory process that runs past its time limit is stopped; the cell
+    keeps no memory, and the warning names the flag to raise."""
+    settings = {"memory_repeats": 1, "seed": 0, "memory_timeout_seconds": 1}
+    # Starting TensorFlow alone takes longer than a second.
+    peaks = benchmark.memory_in_new_process("mlp", 2, ["plain"], settings)
+    assert peaks == {}
+    assert "timed out after 1 s and was stopped" in caplog.text
+    assert "--memory_timeout_seconds" in caplog.text
+
+
+def test_allocator_setting_values():
+    variable = benchmark.COUNT_ALL_TENSORS[0]
+    for value in ("1", "true", "TRUE"):
+        assert benchmark.counts_all_tensors({variable: value}), value
+    for value in ("0", "false", "", "yes"):
+        assert not benchmark.counts_all_tensors({variable: value}), value
+    assert not benchmark.counts_all_tensors({})
 
 
 def test_memory_only_needs_allocator_setting(tmp_path):

@@ -115,6 +115,13 @@ VARIANTS = ("plain", "unprobed", "fast", "whole_model", "loop")
 # it once, when it creates the allocator, so it is set for a new process.
 COUNT_ALL_TENSORS = ("TF_CPU_ALLOCATOR_USE_BFC", "1")
 
+
+def counts_all_tensors(environment=os.environ):
+    """Return True if `environment` turns on the variable of
+    `COUNT_ALL_TENSORS`. TensorFlow reads "1" and "true", in any case, as
+    on."""
+    return environment.get(COUNT_ALL_TENSORS[0], "").lower() in ("1", "true")
+
 # TensorFlow warnings that the benchmark causes on purpose and that need no
 # action: it builds one compiled step per variant from the same
 # Keras code, which TensorFlow reports as retracing, and the whole-model
@@ -198,6 +205,11 @@ def define_flags(flag_values=flags.FLAGS):
         "memory_repeats", 2, "Steps per variant that measure peak memory, "
         "in a separate process for each model and batch size; 0 skips the "
         "memory measurement.", lower_bound=0, flag_values=flag_values,
+    )
+    flags.DEFINE_float(
+        "memory_timeout_seconds", 1800.0, "Stop the memory process of one "
+        "model and batch size after this long, and record no memory for "
+        "that cell.", lower_bound=1.0, flag_values=flag_values,
     )
     flags.DEFINE_boolean(
         "memory_only", False, "Measure only the peak memory of one model "
@@ -531,8 +543,9 @@ def memory_in_new_process(model_name, batch_size, variants, settings):
     """Run `measure_memory` in a new process that counts every tensor.
 
     Returns:
-        Dict variant -> peak MiB or None; empty, with a warning that quotes
-        the process's error output, when the process fails.
+        Dict variant -> peak MiB or None. Empty, with a warning, when the
+        process fails (the warning quotes its error output) or times out
+        after `settings["memory_timeout_seconds"]`, when it is stopped.
     """
     variable, value = COUNT_ALL_TENSORS
     with tempfile.TemporaryDirectory() as folder:
@@ -544,10 +557,23 @@ def memory_in_new_process(model_name, batch_size, variants, settings):
             f"--memory_repeats={settings['memory_repeats']}",
             f"--seed={settings['seed']}", f"--output={output}",
         ]
-        completed = subprocess.run(
-            command, check=False, env=dict(os.environ, **{variable: value}),
-            cwd=_REPOSITORY_ROOT, capture_output=True, text=True,
-        )
+        timeout = settings["memory_timeout_seconds"]
+        try:
+            completed = subprocess.run(
+                command, check=False,
+                env=dict(os.environ, **{variable: value}),
+                cwd=_REPOSITORY_ROOT, capture_output=True, text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            logging.warning(
+                "The memory of %s at batch size %d was not measured: %s "
+                "timed out after %.0f s and was stopped. Raise "
+                "--memory_timeout_seconds, or pass --memory_repeats=0 to "
+                "skip the memory pass.", model_name, batch_size,
+                " ".join(command), timeout,
+            )
+            return {}
         if completed.returncode != 0:
             logging.warning(
                 "The memory of %s at batch size %d was not measured: %s "
@@ -787,6 +813,7 @@ def settings_from_flags(flag_values=FLAGS):
         "interval": flag_values.interval,
         "overhead_target": flag_values.overhead_target,
         "budget_seconds": flag_values.budget_seconds,
+        "memory_timeout_seconds": flag_values.memory_timeout_seconds,
         "seed": flag_values.seed,
     }
     if flag_values.quick:
@@ -818,7 +845,7 @@ def _memory_only(settings, digits):
     return the exit status."""
     variable, value = COUNT_ALL_TENSORS
     problem = None
-    if os.environ.get(variable) != value:
+    if not counts_all_tensors():
         problem = (
             f"--memory_only needs {variable}={value} in the environment "
             "when TensorFlow starts, or the allocator leaves out small "
@@ -871,8 +898,7 @@ def main(argv):
     if FLAGS.memory_only:
         return _memory_only(settings, digits)
     variable, _ = COUNT_ALL_TENSORS
-    # TensorFlow reads "1" and "true", in any case, as on.
-    if os.environ.get(variable, "").lower() in ("1", "true"):
+    if counts_all_tensors():
         print(
             f"Error: {variable}={os.environ[variable]} is set, so the timed "
             "steps would run with the BFC allocator instead of the default "
