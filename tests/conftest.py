@@ -20,7 +20,7 @@ def temporary_files_under_pytest(tmp_path_factory):
     after a few later runs.
 
     tensorflow-datasets 4.9.10 makes a temporary folder, and never deletes
-    it, each time it creates a builder for a folder that holds no prepared
+    it, each time it creates a builder for a folder without a prepared
     dataset, as `tfds.testing.mock_data` and the missing-dataset tests do.
     """
     folder = str(tmp_path_factory.mktemp("tempfile"))
