@@ -539,7 +539,9 @@ def _axis_windows(size, kernel, stride, rate, padding):
 
 
 def _conv_patches(layer, inputs):
-    """Input patches `[batch, out_height, out_width, kh * kw * channels]`.
+    """Input patches `[batch, out_height, out_width, kh * kw * channels]`
+    of `inputs`, whose height, width and channels must be known when the
+    function is traced.
 
     The entries of a patch are in the order of the kernel's rows, columns
     and input channels, as `tf.image.extract_patches` gives them. Each
@@ -553,16 +555,14 @@ def _conv_patches(layer, inputs):
     2, ran 3.7 times slower than `tf.image.extract_patches`.
     """
     height, width, channels = inputs.shape[1:]
-    rows = _axis_windows(
+    out_height, top, padded_height = _axis_windows(
         height, layer.kernel_size[0], layer.strides[0],
         layer.dilation_rate[0], layer.padding,
     )
-    columns = _axis_windows(
+    out_width, left, padded_width = _axis_windows(
         width, layer.kernel_size[1], layer.strides[1],
         layer.dilation_rate[1], layer.padding,
     )
-    (out_height, top, padded_height) = rows
-    (out_width, left, padded_width) = columns
     padded = tf.pad(inputs, [
         [0, 0],
         [top, max(padded_height - top - height, 0)],
