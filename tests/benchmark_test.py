@@ -155,6 +155,9 @@ def test_unprobed_is_timed_with_fast():
         ("--overhead_target=0", "must be a fraction in \\(0, 1\\)"),
         ("--overhead_target=2", "must be a fraction in \\(0, 1\\)"),
         ("--repeats=0", "--repeats"),
+        ("--memory_timeout_seconds=0.5", "0.5 is not number >= 1.0"),
+        ("--memory_timeout_seconds=nan", "must be a finite number"),
+        ("--memory_timeout_seconds=inf", "must be a finite number"),
     ],
 )
 def test_bad_flags_are_rejected(argument, message):
@@ -289,3 +292,24 @@ def test_timing_rejects_allocator_setting(tmp_path):
         assert "Unset it" in completed.stderr
         assert "Timing mlp" not in completed.stderr
         assert not output.exists()
+
+
+def test_results_page_matches_recorded_run():
+    """docs/benchmarks.md shows the table of docs/benchmark_results.json,
+    and its range for the step after a probe is that run's."""
+    docs = os.path.join(benchmark._REPOSITORY_ROOT, "docs")
+    with open(os.path.join(docs, "benchmark_results.json")) as results:
+        report = json.load(results)
+    with open(os.path.join(docs, "benchmarks.md")) as page:
+        text = page.read()
+    assert benchmark.format_table(report) in text
+    ratios = [
+        cell["variants"]["after_probe"]["ratio_to_plain"]
+        for cell in report["results"]
+    ]
+    sentence = (
+        f"the step after a probe took {min(ratios):.2f} to "
+        f"{max(ratios):.2f} times a plain step"
+    )
+    # The sentence may wrap onto the next line of the page.
+    assert sentence in " ".join(text.split())

@@ -338,10 +338,16 @@ def test_conv_any_map_size_matches_loop():
         ((9, 12), {"kernel_size": (2, 3), "dilation_rate": (1, 3),
                    "padding": "valid"}),
         ((5, 5), {"kernel_size": 1, "strides": 2, "padding": "valid"}),
+        # Padding of one more zero after the input than before it.
+        ((6, 5), {"kernel_size": (2, 4), "padding": "same"}),
+        # Windows wider than the map, so that most taps read padding.
+        ((2, 3), {"kernel_size": 5, "strides": (1, 2), "padding": "same"}),
+        ((1, 1), {"kernel_size": 3, "dilation_rate": 2, "padding": "same"}),
     ],
     ids=[
         "3x3", "stride2", "stride2_odd", "uneven", "valid_stride_2x1",
         "valid_stride3", "dilated", "dilated_uneven", "1x1_stride2",
+        "even_same", "map_under_kernel", "1x1_map_dilated",
     ],
 )
 def test_conv_patches_match_extract_patches(input_size, conv_options, static):

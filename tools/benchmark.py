@@ -262,6 +262,13 @@ def define_flags(flag_values=flags.FLAGS):
         "budget_seconds", math.isfinite, message="must be a finite number",
         flag_values=flag_values,
     )
+    # subprocess.run raises ValueError or OverflowError for a timeout of nan
+    # or inf, which would end the run after its first timed cell.
+    flags.register_validator(
+        "memory_timeout_seconds", math.isfinite,
+        message="must be a finite number of seconds",
+        flag_values=flag_values,
+    )
     flags.register_validator(
         "overhead_target", lambda value: 0 < value < 1,
         message="must be a fraction in (0, 1), for example 0.02 for 2%",
