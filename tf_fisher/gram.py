@@ -606,12 +606,12 @@ _CONV_EXAMPLES_PER_OP = 16
 # `tf.image.extract_patches`, at batches of 32, 128 and 512: for
 # 8 x 8 x 64 -> 64 and for a stride-2 16 x 16 x 32 -> 64 the products ran
 # 1.1 to 1.5 times faster than the grouped ops, and for 16 x 16 x 32 -> 32
-# and 32 x 32 maps up to 2.5 times slower. In ResNet-8's
-# probed step at batch 128 they cut the CPU time from 1.56 to 1.52 times a
-# plain step's. With the patches from shifted views (`_conv_patches`), on
-# the Intel Xeon at batch 128, the products ran 1.1 to 1.6 times faster
-# than the grouped ops for the first two shapes. For the others they ran
-# 1.4 to 3.3 times slower, so the threshold is unchanged.
+# and 32 x 32 maps up to 2.5 times slower. In ResNet-8's probed step at
+# batch 128 they cut the CPU time from 1.56 to 1.52 times a plain step's.
+# With the patches from shifted views (`_conv_patches`), on the Intel Xeon
+# at batch 128, the products ran 1.1 to 1.6 times faster than the grouped
+# ops for the first two shapes. For the others they ran 1.4 to 3.3 times
+# slower, so the threshold is unchanged.
 _PATCH_PRODUCT_RATIO = 32
 
 

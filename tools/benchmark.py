@@ -122,6 +122,7 @@ def counts_all_tensors(environment=os.environ):
     on."""
     return environment.get(COUNT_ALL_TENSORS[0], "").lower() in ("1", "true")
 
+
 # TensorFlow warnings that the benchmark causes on purpose and that need no
 # action: it builds one compiled step per variant from the same
 # Keras code, which TensorFlow reports as retracing, and the whole-model
