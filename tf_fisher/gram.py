@@ -522,10 +522,10 @@ def _axis_windows(size, kernel, stride, rate, padding):
 
     Returns:
         (outputs, before, length): the number of output positions, the
-        zeros that TensorFlow pads before the input, and a padded length,
-        a multiple of `stride`, long enough for every input position that
-        a window reads (position `offset + stride * t` for kernel tap
-        `offset` and output `t`).
+        zeros that TensorFlow pads before the input, and a padded length.
+        The length is a multiple of `stride` and covers every input
+        position that a window reads, `offset + stride * t` for kernel tap
+        `offset` and output `t`.
     """
     span = (kernel - 1) * rate + 1
     if padding == "same":
@@ -548,11 +548,11 @@ def _conv_patches(layer, inputs):
     kernel tap reads a shifted view of the padded input. The input is
     reshaped so that the strides become an axis of their own, and every
     view is then a contiguous slice, concatenated on the channel axis.
-    Measured at batch 128 on 2 CPU cores (Intel Xeon, TensorFlow 2.21 with
-    oneDNN), for 3 x 3 kernels on 8 x 8 to 32 x 32 maps: patches and their
-    products with the output gradients ran 1.4 to 3.1 times faster than
-    with `tf.image.extract_patches`. Strided slices, where the stride was
-    2, ran 3.7 times slower than `tf.image.extract_patches`.
+    This was measured at batch 128 on 2 CPU cores (Intel Xeon, TensorFlow
+    2.21 with oneDNN), for 3 x 3 kernels on 8 x 8 to 32 x 32 maps. The
+    patches and their products with the output gradients ran 1.4 to 3.1
+    times faster than with `tf.image.extract_patches`. Strided slices, where
+    the stride was 2, ran 3.7 times slower than `tf.image.extract_patches`.
     """
     height, width, channels = inputs.shape[1:]
     out_height, top, padded_height = _axis_windows(

@@ -57,9 +57,9 @@ tensors, rounded up to 256 bytes. A chunk it reuses can be up to twice the
 size of the tensor put in it. The resident set size cannot show the peak,
 because the allocator keeps freed memory for reuse.
 
-Full run (the default models and batch sizes; about 28 minutes on 2 CPU
-cores of an Intel Xeon at 2.1 GHz, 11.5 of them in the memory processes),
-from the repository root:
+Full run (the default models and batch sizes; 28 to 33 minutes on 2 CPU
+cores of an Intel Xeon at 2.1 GHz, 11.5 to 13 of them in the memory
+processes), from the repository root:
 
     python -m tools.benchmark --output=/tmp/benchmark.json
 
