@@ -158,6 +158,7 @@ def test_unprobed_is_timed_with_fast():
         ("--memory_timeout_seconds=0.5", "0.5 is not number >= 1.0"),
         ("--memory_timeout_seconds=nan", "must be a finite number"),
         ("--memory_timeout_seconds=inf", "must be a finite number"),
+        ("--block_overlap=-1", "-1 is not a non-negative integer"),
     ],
 )
 def test_bad_flags_are_rejected(argument, message):
@@ -171,12 +172,22 @@ def test_settings_deduplicate_batch_sizes():
     flag_values([
         "benchmark", "--batch_sizes=32,16,32", "--overhead_target=0.05",
         "--variants=loop", "--models=resnet8,mlp,resnet8",
+        "--block_overlap=0",
     ])
     settings = benchmark.settings_from_flags(flag_values)
     assert settings["batch_sizes"] == [16, 32]
     assert settings["models"] == ["resnet8", "mlp"]
     assert settings["overhead_target"] == pytest.approx(0.05)
     assert settings["variants"] == ["plain", "loop"]
+    assert settings["block_overlap"] == 0
+
+
+@pytest.mark.parametrize("variant", ["fast", "unprobed"])
+def test_variant_takes_block_overlap(variant):
+    model = benchmark.build_variant(variant, "mlp", 0, block_overlap=0)
+    assert model.block_overlap == 0
+    default = benchmark.build_variant(variant, "mlp", 0)
+    assert default.block_overlap == gram.DEFAULT_BLOCK_OVERLAP
 
 
 def test_batches_have_unknown_size(digits):
@@ -236,16 +247,19 @@ def test_probe_memory_few_layers():
     """The probe adds a few layers' per-example gradients to the peak
     memory of a step, not the whole model's. For ResNet-20 at batch 32,
     those of the largest convolution (3 x 3 x 64 x 64 weights) take 4.5
-    MiB, and those of the whole model (269,850 weights) 33 MiB. Measured
-    here, the probe added 12.3 MiB and the whole-model reference 57 MiB."""
-    settings = {"memory_repeats": 1, "seed": 0, "memory_timeout_seconds": 600}
+    MiB, and those of the whole model (269,850 weights) 33 MiB. Up to three
+    blocks are pending at a time, each with the per-example gradients of a
+    layer and a reordered copy of them, hence the bound of six layers.
+    Measured here, the probe added 12.3 to 17.1 MiB, and the whole-model
+    reference 57 MiB."""
+    settings = {"memory_repeats": 2, "seed": 0, "memory_timeout_seconds": 600}
     peaks = benchmark.memory_in_new_process(
         "resnet20", 32, ["plain", "fast"], settings
     )
     largest_layer_mb = 32 * 3 * 3 * 64 * 64 * 4 / 2**20
     added = peaks["fast"] - peaks["plain"]
     assert added > 0
-    assert added <= 4 * largest_layer_mb
+    assert added <= 6 * largest_layer_mb
 
 
 def test_memory_process_timeout(caplog):

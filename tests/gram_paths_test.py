@@ -375,6 +375,32 @@ def test_conv_patches_match_extract_patches(input_size, conv_options, static):
     np.testing.assert_array_equal(patches.numpy(), expected.numpy())
 
 
+@pytest.mark.parametrize("overlap", [0, 1, 2])
+def test_block_waits_for_earlier_block(overlap):
+    """A layer's backward pass waits for the block built `overlap` blocks
+    before its own, and Dense blocks on vectors take no part."""
+    conv = keras.layers.Conv2D(2, 3)
+    conv.build((None, 5, 5, 1))
+    dense = keras.layers.Dense(2)
+    dense.build((None, 3))
+    conv_call = gram.LayerCall(conv, tf.zeros([1, 5, 5, 1]), tf.zeros([1, 3, 3, 2]))
+    dense_call = gram.LayerCall(dense, tf.zeros([1, 3]), tf.zeros([1, 2]))
+    with tf.GradientTape() as tape:
+        taps = gram.GramTaps(tape, 1.0, block_overlap=overlap)
+    blocks = [tf.constant(float(index)) for index in range(5)]
+
+    waited = []
+    for block in blocks:
+        dense_block = tf.constant(-1.0)
+        assert taps._block_to_wait_for(dense_block, dense_call) is None
+        waited.append(taps._block_to_wait_for(block, conv_call))
+
+    expected = [None] * overlap + blocks[: len(blocks) - overlap]
+    assert len(waited) == len(expected)
+    for actual, wanted in zip(waited, expected):
+        assert actual is wanted
+
+
 # BatchNormalization: the per-layer tape is the reference.
 
 

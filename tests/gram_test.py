@@ -368,11 +368,14 @@ def test_batch_norm_networks_match_numpy_contributions(name, static):
     assert_matrix_close(actual.numpy(), numpy_gram(network, x, y))
 
 
-@pytest.mark.parametrize("method", ["fast", "tape"])
+@pytest.mark.parametrize(
+    "method, block_overlap", [("fast", 2), ("fast", 0), ("tape", 2)]
+)
 @pytest.mark.parametrize("name", BATCH_NORM_NETWORKS)
-def test_fit_probe_matches_numpy_contributions(name, method):
+def test_fit_probe_matches_numpy_contributions(name, method, block_overlap):
     """The probe of a `fit` step, with the mean-reduced loss that Keras
-    trains on, records the spectrum of the summed loss's J Jᵀ."""
+    trains on, records the spectrum of the summed loss's J Jᵀ, whether or
+    not the Gram blocks overlap the backward pass of later layers."""
     network = batch_norm_network(name)
     x, y = network_batch(network)
     expected = {
@@ -381,7 +384,10 @@ def test_fit_probe_matches_numpy_contributions(name, method):
             tf.constant(numpy_gram(network, x, y))
         ).items()
     }
-    model = FisherModel(network, fisher_interval=1, gram_method=method)
+    model = FisherModel(
+        network, fisher_interval=1, gram_method=method,
+        block_overlap=block_overlap,
+    )
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(6)
     model.fit(dataset, epochs=1, verbose=0, shuffle=False)

@@ -604,6 +604,10 @@ def test_learning_rate_of_variable_and_schedule():
         ({"weight_decay": True}, "weight_decay=True"),
         ({"weight_decay": [1e-4]}, r"weight_decay=\[0.0001\]"),
         ({"gram_method": "exact"}, "gram_method='exact'"),
+        ({"block_overlap": -1}, "block_overlap=-1"),
+        ({"block_overlap": 1.5}, "block_overlap=1.5"),
+        ({"block_overlap": True}, "block_overlap=True"),
+        ({"block_overlap": "2"}, "block_overlap='2'"),
     ],
 )
 def test_fisher_model_rejects_bad_arguments(kwargs, pattern):
@@ -711,6 +715,7 @@ def test_saved_model_loads_and_probes_alike(small_digits, tmp_path):
     model = compiled(
         conv_bn_network(images.shape[1:]), momentum=0.9, fisher_interval=3,
         eigenvalue_tolerance=1e-7, weight_decay=1e-4, gram_method="tape",
+        block_overlap=1,
     )
     model.fit(unshuffled(images, labels, 4), epochs=1, verbose=0)
     path = str(tmp_path / "model.keras")
@@ -722,7 +727,7 @@ def test_saved_model_loads_and_probes_alike(small_digits, tmp_path):
     assert isinstance(loaded, FisherModel)
     for name in (
         "fisher_interval", "eigenvalue_tolerance", "weight_decay",
-        "gram_method",
+        "gram_method", "block_overlap",
     ):
         assert getattr(loaded, name) == getattr(model, name), name
     assert loaded.compiled

@@ -1165,16 +1165,16 @@ def gram_and_kernel_gradients(calls, output_gradients, method="fast"):
     return gram, kernel_gradients
 
 
-# A layer's backward pass waits for the Gram block built this many blocks
-# before its own. Measured on 2 CPU cores (Intel Xeon, TensorFlow 2.21 with
-# oneDNN) at batch 128, in 40 interleaved rounds. ResNet-8's probed step took
-# 1.39 times a plain step when each layer waited for its own block (0). It
-# took 1.35 times with 1, 1.28 to 1.32 with 2 and 1.30 to 1.34 with 4.
-# ResNet-20's took 1.50 times with 0 and 1.38 with 2. With 2, the peak memory
-# of the step grew by 9 MiB (ResNet-8) and 38 MiB (ResNet-20) at batch 128,
-# and by 56 and 198 MiB at batch 512. With no waiting at all the peaks were
-# the same as with 2.
-_BLOCKS_AHEAD = 2
+# How many layers' backward passes, its own first, a Gram block may overlap
+# with (`GramTaps`). Measured on 2 CPU cores (Intel Xeon, TensorFlow 2.21
+# with oneDNN) at batch 128, in 40 interleaved rounds. ResNet-8's probed step
+# took 1.39 times a plain step with 0, where each layer waits for its own
+# block. It took 1.35 times with 1, 1.28 to 1.32 with 2 and 1.30 to 1.34
+# with 4. ResNet-20's took 1.50 times with 0 and 1.38 with 2. With 2, the
+# peak memory of the step grew by 9 MiB (ResNet-8) and 38 MiB (ResNet-20) at
+# batch 128, and by 56 and 198 MiB at batch 512. With no waiting at all the
+# peaks were the same as with 2.
+DEFAULT_BLOCK_OVERLAP = 2
 
 
 class GramTaps:
@@ -1186,7 +1186,7 @@ class GramTaps:
     from it, and returns the block as the gradient of a `[batch, batch]`
     zero tensor in `sources`. Except for Dense layers on vectors, the
     gradient moves on to the layer's own backward pass only once an earlier
-    block exists (`_block_to_wait_for`), so that few blocks are pending.
+    block exists, so that at most `block_overlap` + 1 blocks are pending.
 
     Args:
         tape: the `tf.GradientTape` that records the forward pass.
@@ -1197,6 +1197,10 @@ class GramTaps:
         keep_kernel_gradients: if True, kernels whose per-example gradients
             a block materialises also get a source, whose gradient is the
             kernel's gradient of the differentiated loss.
+        block_overlap: how many layers' backward passes, its own first, a
+            block may overlap with. With 0, each layer's backward pass waits
+            for its own block, and the probe holds one layer's temporaries
+            at a time.
 
     Example:
 
@@ -1210,7 +1214,8 @@ class GramTaps:
     """
 
     def __init__(
-        self, tape, gradient_scale, method="fast", keep_kernel_gradients=False
+        self, tape, gradient_scale, method="fast", keep_kernel_gradients=False,
+        block_overlap=DEFAULT_BLOCK_OVERLAP,
     ):
         self._tape = tape
         self.set_gradient_scale(gradient_scale)
@@ -1219,7 +1224,8 @@ class GramTaps:
         self.sources = []
         self._block_indices = []
         self._kernel_indices = {}
-        self._pending_blocks = collections.deque(maxlen=_BLOCKS_AHEAD)
+        self._block_overlap = block_overlap
+        self._pending_blocks = collections.deque()
 
     def set_gradient_scale(self, gradient_scale):
         """Set `gradient_scale`; the blocks read it in the backward pass, so
@@ -1300,25 +1306,22 @@ class GramTaps:
         return identity
 
     def _block_to_wait_for(self, block, call):
-        """Return the block built `_BLOCKS_AHEAD` blocks before `block`,
-        or None. The backward pass of the layer waits for it.
+        """Return the block built `block_overlap` blocks before `block`, or
+        None. The backward pass of the layer waits for it.
 
-        A block thus overlaps with the backward pass of its own layer and
-        of the next layers. At most `_BLOCKS_AHEAD` + 1 blocks, with their
-        layer inputs and output gradients, are pending at a time. A Dense
-        block on vectors needs only `[batch, batch]` temporaries, so it is
-        left out: letting it overlap with the rest of backprop made the MLP
-        step about 4% faster.
+        A Dense block on vectors needs only `[batch, batch]` temporaries, so
+        it is left out: letting it overlap with the rest of backprop made
+        the MLP step about 4% faster.
         """
         outputs = tf.nest.flatten(call.output)
         if isinstance(call.layer, keras.layers.Dense) and all(
             output.shape.rank == 2 for output in outputs
         ):
             return None
-        pending = self._pending_blocks
-        waited = pending[0] if len(pending) == pending.maxlen else None
-        pending.append(block)
-        return waited
+        self._pending_blocks.append(block)
+        if len(self._pending_blocks) <= self._block_overlap:
+            return None
+        return self._pending_blocks.popleft()
 
     def gram(self, source_gradients):
         """Sum the blocks into the `[batch, batch]` float64 Gram matrix.

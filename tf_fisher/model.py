@@ -95,6 +95,12 @@ class FisherModel(keras.Model):
             weights.
         gram_method: "fast" (closed-form blocks for Dense, Conv2D,
             BatchNormalization) or "tape" (per-layer per-example tape).
+        block_overlap: how many layers' backward passes, its own first, a
+            layer's Gram block may overlap with in a probed step. 0 adds the
+            least memory: one layer's temporaries at a time, such as the
+            per-example gradients of a convolution. Each unit adds up to one
+            more layer's. The default 2 ran ResNet-8's probed step on 2 CPU
+            cores in 1.28 to 1.32 times a plain step, against 1.39 with 0.
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -122,19 +128,22 @@ class FisherModel(keras.Model):
         eigenvalue_tolerance=measures.DEFAULT_TOLERANCE,
         weight_decay=0.0,
         gram_method="fast",
+        block_overlap=gram.DEFAULT_BLOCK_OVERLAP,
         **kwargs,
     ):
         kwargs.setdefault("name", f"fisher_{model.name}")
         super().__init__(**kwargs)
         _check_model(model)
         check_arguments(
-            fisher_interval, eigenvalue_tolerance, weight_decay, gram_method
+            fisher_interval, eigenvalue_tolerance, weight_decay, gram_method,
+            block_overlap,
         )
         self.network = model
         self.fisher_interval = int(fisher_interval)
         self.eigenvalue_tolerance = float(eigenvalue_tolerance)
         self.weight_decay = float(weight_decay)
         self.gram_method = gram_method
+        self.block_overlap = int(block_overlap)
         self._probe = _ProbeState(measures.PROBE_KEYS)
         # The wrapped network is built, and this model has no weights of
         # its own.
@@ -286,6 +295,7 @@ class FisherModel(keras.Model):
                 gradient_scale=1.0,
                 method=self.gram_method,
                 keep_kernel_gradients=True,
+                block_overlap=self.block_overlap,
             )
             y_pred, calls = gram.traced_call(
                 self.network, x, training=True, taps=taps
@@ -371,6 +381,7 @@ class FisherModel(keras.Model):
             "eigenvalue_tolerance": self.eigenvalue_tolerance,
             "weight_decay": self.weight_decay,
             "gram_method": self.gram_method,
+            "block_overlap": self.block_overlap,
         }
 
     @classmethod
@@ -399,7 +410,8 @@ class FisherModel(keras.Model):
 
 
 def check_arguments(
-    fisher_interval, eigenvalue_tolerance, weight_decay, gram_method
+    fisher_interval, eigenvalue_tolerance, weight_decay, gram_method,
+    block_overlap=gram.DEFAULT_BLOCK_OVERLAP,
 ):
     """Raise ValueError, naming the argument and its value, unless
     `FisherModel` accepts these arguments.
@@ -422,6 +434,13 @@ def check_arguments(
         raise ValueError(
             "Invalid gram_method: expected 'fast' or 'tape'. "
             f"Received: gram_method={gram_method!r}"
+        )
+    if isinstance(block_overlap, bool) or not (
+        isinstance(block_overlap, numbers.Integral) and block_overlap >= 0
+    ):
+        raise ValueError(
+            "Invalid block_overlap: expected an integer >= 0. "
+            f"Received: block_overlap={block_overlap!r}"
         )
 
 

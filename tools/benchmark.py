@@ -246,6 +246,12 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_integer(
         "seed", 0, "Seed of the network weights.", flag_values=flag_values
     )
+    flags.DEFINE_integer(
+        "block_overlap", gram.DEFAULT_BLOCK_OVERLAP, "`block_overlap` of the "
+        "FisherModel variants: how many layers' backward passes a layer's "
+        "Gram block may overlap with. 0 uses the least memory.",
+        lower_bound=0, flag_values=flag_values,
+    )
     flags.register_validator(
         "models",
         lambda values: _validate_list(values, INPUT_SHAPES, "models"),
@@ -364,8 +370,11 @@ def _compile(model):
     return model
 
 
-def build_variant(variant, model_name, seed):
-    """Build and compile the model that times `variant`."""
+def build_variant(
+    variant, model_name, seed, block_overlap=gram.DEFAULT_BLOCK_OVERLAP
+):
+    """Build and compile the model that times `variant`. `block_overlap`
+    is passed to the `fast` and `unprobed` models."""
     network = models.build_model(
         model_name, INPUT_SHAPES[model_name], NUM_CLASSES, seed=seed
     )
@@ -379,7 +388,9 @@ def build_variant(variant, model_name, seed):
         return _compile(_ReferenceFisherModel(
             network, loop_gram, _loss(), fisher_interval=1
         ))
-    model = _compile(FisherModel(network, fisher_interval=1))
+    model = _compile(FisherModel(
+        network, fisher_interval=1, block_overlap=block_overlap
+    ))
     if variant == "unprobed":
         # Probes fall on steps 0, N, 2N, ... of an epoch, and the
         # benchmark never starts an epoch, so with the host counter past 0
@@ -489,7 +500,9 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
                 reason,
             )
             continue
-        runners[variant] = build_variant(variant, model_name, settings["seed"])
+        runners[variant] = build_variant(
+            variant, model_name, settings["seed"], _block_overlap(settings)
+        )
 
     batches = repeated_batch(x, y)
     _warm_up(runners, x, y, batches, settings["warmup"])
@@ -513,6 +526,10 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
     return results
 
 
+def _block_overlap(settings):
+    return settings.get("block_overlap", gram.DEFAULT_BLOCK_OVERLAP)
+
+
 def _warm_up(runners, x, y, batches, steps):
     """Build each model and its optimizer, as `fit` does before its first
     step, then run `steps` untimed steps, the first of which traces."""
@@ -531,7 +548,9 @@ def measure_memory(model_name, batch_size, variants, settings, digits):
     """
     x, y = batch_of_digits(model_name, batch_size, digits)
     runners = {
-        variant: build_variant(variant, model_name, settings["seed"])
+        variant: build_variant(
+            variant, model_name, settings["seed"], _block_overlap(settings)
+        )
         for variant in variants
     }
     batches = repeated_batch(x, y)
@@ -563,7 +582,9 @@ def memory_in_new_process(model_name, batch_size, variants, settings):
             f"--models={model_name}", f"--batch_sizes={batch_size}",
             f"--variants={','.join(variants)}",
             f"--memory_repeats={settings['memory_repeats']}",
-            f"--seed={settings['seed']}", f"--output={output}",
+            f"--seed={settings['seed']}",
+            f"--block_overlap={_block_overlap(settings)}",
+            f"--output={output}",
         ]
         timeout = settings["memory_timeout_seconds"]
         try:
@@ -823,6 +844,7 @@ def settings_from_flags(flag_values=FLAGS):
         "budget_seconds": flag_values.budget_seconds,
         "memory_timeout_seconds": flag_values.memory_timeout_seconds,
         "seed": flag_values.seed,
+        "block_overlap": flag_values.block_overlap,
     }
     if flag_values.quick:
         settings.update(
