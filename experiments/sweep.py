@@ -119,8 +119,9 @@ RUN_FOLDER_ENTRIES = frozenset(
 RUNS_PER_WORKER = 16
 
 # Config fields that may differ between a finished run and the sweep that
-# finds it: where the data and the folder are, and the progress display.
-_LOCATION_FIELDS = ("output_dir", "data_dir", "verbose")
+# finds it: where the data and the folder are, the progress display, and
+# how much the probe overlaps backprop, which changes no result.
+_RESULT_NEUTRAL_FIELDS = ("output_dir", "data_dir", "verbose", "block_overlap")
 
 
 @dataclasses.dataclass
@@ -207,7 +208,7 @@ def config_differences(recorded, config):
     return [
         f"{key}: {recorded.get(key)!r} != {value!r}"
         for key, value in expected.items()
-        if key not in _LOCATION_FIELDS and recorded.get(key) != value
+        if key not in _RESULT_NEUTRAL_FIELDS and recorded.get(key) != value
     ]
 
 

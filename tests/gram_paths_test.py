@@ -397,8 +397,8 @@ def test_block_waits_for_earlier_block(overlap):
 
     expected = [None] * overlap + blocks[: len(blocks) - overlap]
     assert len(waited) == len(expected)
-    for actual, wanted in zip(waited, expected):
-        assert actual is wanted
+    for actual, expected_block in zip(waited, expected):
+        assert actual is expected_block
 
 
 # BatchNormalization: the per-layer tape is the reference.

@@ -137,6 +137,10 @@ def test_grid_options_reach_run_config():
             ),
         ),
         (
+            {"options": {"block_overlap": -1}},
+            r"In grid .*Received: block_overlap=-1",
+        ),
+        (
             {"options": {"eigenvalue_tolerance": 1.5}},
             r"In grid .*Received: eigenvalue_tolerance=1.5",
         ),
@@ -253,6 +257,11 @@ def test_finished_summary_rejects_other_config(tmp_path):
     recorded = dataclasses.asdict(spec.config)
     summary = {"status": "completed", "config": recorded, "final": {}}
     path = os.path.join(spec.config.output_dir, "summary.json")
+    run.write_json_atomically(path, summary)
+    assert sweep.finished_summary(spec) == read_json(path)
+    # The overlap of the probe with backprop changes no result, and runs
+    # recorded before it was a field lack it.
+    del recorded["block_overlap"]
     run.write_json_atomically(path, summary)
     assert sweep.finished_summary(spec) == read_json(path)
     recorded["epochs"] = 3

@@ -88,6 +88,7 @@ BAD_FLAGS = {
     "model": ["--model=nope"],
     "batch_size_above_data": ["--batch_size=5000"],
     "epochs": ["--epochs=0"],
+    "block_overlap": ["--block_overlap=-1"],
     "norm_test_theta": ["--norm_test_theta=1.5", "--adaptive=norm_test"],
     "noise_scale_smoothing": [
         "--noise_scale_smoothing=1.5", "--adaptive=noise_scale",
@@ -115,6 +116,7 @@ def runs(tmp_path_factory):
         "normal": [
             f"--epochs={EPOCHS}", f"--fisher_interval={INTERVAL}",
             f"--batch_size={BATCH_SIZE}", f"--learning_rate={LEARNING_RATE}",
+            "--block_overlap=1",
         ],
         "diverged": [
             "--epochs=2", "--fisher_interval=2", "--batch_size=256",
@@ -167,6 +169,7 @@ def test_config_records_flags(normal_run):
     assert config["batch_sizes"] == [BATCH_SIZE]
     assert config["fisher_interval"] == INTERVAL
     assert config["learning_rate"] == LEARNING_RATE
+    assert config["block_overlap"] == 1
     assert normal_run["summary"]["config"] == config
 
 

@@ -15,8 +15,9 @@ layer's output. From those two tensors each layer's block follows.
 `GramTaps`, which `gram_matrix` and `tf_fisher.FisherModel` use, forms each
 block inside the backward pass as soon as its gradient arrives. So the probe
 adds to the memory of a training step only the B x B blocks and the
-temporaries of at most three layers at a time, which for a materialised
-convolution are its per-example gradients. The blocks are:
+temporaries of a few layers at a time (three by default, see `GramTaps`),
+which for a materialised convolution are its per-example gradients. The
+blocks are:
 
 * `Dense` and `Conv2D` (no groups): the weight gradient of example i is
   Σ_t a_it ⊗ g_it over output positions t, with a the layer input (for a
@@ -1174,6 +1175,9 @@ def gram_and_kernel_gradients(calls, output_gradients, method="fast"):
 # peak memory of the step grew by 9 MiB (ResNet-8) and 38 MiB (ResNet-20) at
 # batch 128, and by 56 and 198 MiB at batch 512. With no waiting at all the
 # peaks were the same as with 2.
+# NOTE: measured on CPUs only. A GPU runs most ops of a step one after
+# another on one stream, so there the overlap may save little time while it
+# still holds more memory.
 DEFAULT_BLOCK_OVERLAP = 2
 
 
@@ -1290,9 +1294,9 @@ class GramTaps:
                     kernel_gradients, moments,
                 )
                 block *= tf.square(self._scale)
-                previous = self._block_to_wait_for(block, call)
+                waited = self._block_to_wait_for(block, call)
                 gradients = [
-                    _held_until(previous, gradient) for gradient in upstreams
+                    _held_until(waited, gradient) for gradient in upstreams
                 ]
                 gradients.append(block)
                 if keep_kernel:

@@ -96,11 +96,11 @@ class FisherModel(keras.Model):
         gram_method: "fast" (closed-form blocks for Dense, Conv2D,
             BatchNormalization) or "tape" (per-layer per-example tape).
         block_overlap: how many layers' backward passes, its own first, a
-            layer's Gram block may overlap with in a probed step. 0 adds the
-            least memory: one layer's temporaries at a time, such as the
-            per-example gradients of a convolution. Each unit adds up to one
-            more layer's. The default 2 ran ResNet-8's probed step on 2 CPU
-            cores in 1.28 to 1.32 times a plain step, against 1.39 with 0.
+            layer's Gram block may overlap with in a probed step. With 0 the
+            probe holds one layer's temporaries at a time, such as the
+            per-example gradients of a convolution, and each unit more adds
+            up to one more layer's. On 2 CPU cores the default 2 ran
+            ResNet-8's probed step 5% to 9% faster than 0 at batch 128.
         **kwargs: passed to `keras.Model`.
 
     Example:

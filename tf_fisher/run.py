@@ -36,6 +36,7 @@ from tensorboard.plugins.hparams import summary as hparams_summary
 from tf_fisher import callbacks as fisher_callbacks
 from tf_fisher import data
 from tf_fisher import gradient_statistics
+from tf_fisher import gram
 from tf_fisher import measures
 from tf_fisher import model as model_lib
 from tf_fisher import models
@@ -82,6 +83,8 @@ class RunConfig:
         momentum: Nesterov momentum.
         weight_decay: L2 coefficient, kept out of J.
         gram_method: "fast" or "tape".
+        block_overlap: `FisherModel`'s `block_overlap`; it changes the
+            memory and speed of probed steps, not their measures.
         data_dir: TensorFlow Datasets folder, or None for its default.
         output_dir: the run folder.
         stage_epochs: explicit epoch ranges, `[[first, end], ...]` 0-based,
@@ -101,6 +104,7 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     gram_method: str = "fast"
+    block_overlap: int = gram.DEFAULT_BLOCK_OVERLAP
     data_dir: str = None
     output_dir: str = "runs/run"
     stage_epochs: list = None
@@ -337,6 +341,7 @@ def build_fisher_model(config, splits, model_class=FisherModel):
         eigenvalue_tolerance=config.eigenvalue_tolerance,
         weight_decay=config.weight_decay,
         gram_method=config.gram_method,
+        block_overlap=config.block_overlap,
     )
     model.compile(
         optimizer=keras.optimizers.SGD(
@@ -492,7 +497,8 @@ def check_options(config):
     and optimizer accept the measure and optimizer fields of `config`.
 
     The fields are `fisher_interval`, `eigenvalue_tolerance`,
-    `weight_decay` and `gram_method`, checked as `FisherModel` checks them,
+    `weight_decay`, `gram_method` and `block_overlap`, checked as
+    `FisherModel` checks them,
     `momentum`, a number in [0, 1] as Keras' SGD requires, and `seed`, an
     integer in [0, `MAX_SEED`] as NumPy's seeding requires.
     """
@@ -501,6 +507,7 @@ def check_options(config):
         config.eigenvalue_tolerance,
         config.weight_decay,
         config.gram_method,
+        config.block_overlap,
     )
     momentum = config.momentum
     if (

@@ -30,6 +30,7 @@ from tf_fisher import adaptive
 from tf_fisher import batch_size_policies
 from tf_fisher import cli
 from tf_fisher import data
+from tf_fisher import gram
 from tf_fisher import measures
 from tf_fisher import models
 from tf_fisher import run
@@ -103,6 +104,13 @@ flags.DEFINE_enum(
     "gram_method", "fast", ["fast", "tape"],
     "How per-layer Gram blocks are formed: closed forms (fast) or a "
     "per-example tape for every layer (tape).",
+)
+flags.DEFINE_integer(
+    "block_overlap", gram.DEFAULT_BLOCK_OVERLAP,
+    "How many layers' backward passes a layer's Gram block may overlap "
+    "with in a probed step. Each one is faster on a CPU and holds one more "
+    "layer's temporaries; 0 uses the least memory.",
+    lower_bound=0,
 )
 flags.DEFINE_string(
     "output_dir", None,
@@ -228,6 +236,7 @@ def config_from_flags():
         momentum=FLAGS.momentum,
         weight_decay=FLAGS.weight_decay,
         gram_method=FLAGS.gram_method,
+        block_overlap=FLAGS.block_overlap,
         data_dir=(
             os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else None
         ),
