@@ -9,6 +9,7 @@ against the per-layer tape (networks with it), to a relative 1e-4 of the
 largest entry, in float32.
 """
 
+import itertools
 import warnings
 
 import keras
@@ -48,8 +49,13 @@ def single_example_gram(model, x, y):
             example = tf.nest.map_structure(lambda t, i=i: t[i : i + 1], x)
             logits = model(example, training=True)
             loss = tf.reduce_sum(LOSS.call(y[i : i + 1], logits))
-        gradients = tape.gradient(loss, model.trainable_weights)
-        rows.append(np.concatenate([np.ravel(g) for g in gradients]))
+        weights = model.trainable_weights
+        gradients = tape.gradient(loss, weights)
+        # A weight that the loss does not reach has a None gradient.
+        rows.append(np.concatenate([
+            np.zeros(np.prod(w.shape)) if g is None else np.ravel(g)
+            for w, g in zip(weights, gradients, strict=True)
+        ]))
     jacobian = np.stack(rows).astype(np.float64)
     return jacobian @ jacobian.T
 
@@ -399,6 +405,146 @@ def test_block_waits_for_earlier_block(overlap):
     assert len(waited) == len(expected)
     for actual, expected_block in zip(waited, expected):
         assert actual is expected_block
+
+
+def conv_chain(length):
+    """Conv2D layers one after another, then a Dense head on vectors."""
+    inputs = keras.Input((6, 6, 2))
+    x = inputs
+    for index in range(length):
+        x = keras.layers.Conv2D(2, 3, padding="same", name=f"conv{index}")(x)
+    logits = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(x))
+    return keras.Model(inputs, logits)
+
+
+def traced_blocks(network, x, overlap):
+    """Trace one backward pass through `GramTaps` and return the op of each
+    Conv2D block, keyed by layer name."""
+    blocks = {}
+
+    class RecordingTaps(gram.GramTaps):
+        def _block_to_wait_for(self, block, call):
+            if isinstance(call.layer, keras.layers.Conv2D):
+                blocks[call.layer.name] = block.op
+            return super()._block_to_wait_for(block, call)
+
+    @tf.function
+    def gram_of_batch(x):
+        with tf.GradientTape() as tape:
+            taps = RecordingTaps(tape, 1.0, block_overlap=overlap)
+            logits, _ = gram.traced_call(network, x, taps=taps)
+            total = tf.reduce_sum(tf.square(logits))
+        return taps.gram(tape.gradient(total, taps.sources))
+
+    gram_of_batch.get_concrete_function(x)
+    return blocks
+
+
+def op_ancestors(op):
+    """Return every op that `op` depends on, through data or control edges."""
+    seen = set()
+    stack = [op]
+    while stack:
+        current = stack.pop()
+        parents = [tensor.op for tensor in current.inputs]
+        parents += list(current.control_inputs)
+        for parent in parents:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+@pytest.mark.parametrize("overlap", [0, 1, 2, 5])
+def test_chain_runs_overlap_plus_one_blocks_at_once(overlap):
+    """In the compiled backward pass of a chain of six convolutions, blocks
+    that no data or control edge orders can run at the same time. The
+    largest such set must have `overlap` + 1 blocks, or all six."""
+    length = 6
+    network = conv_chain(length)
+    x, _ = random_batch((6, 6, 2), 4, 3, seed=14)
+    blocks = traced_blocks(network, x, overlap)
+    assert len(blocks) == length
+    ancestors = {name: op_ancestors(op) for name, op in blocks.items()}
+
+    def unordered(first, second):
+        return (
+            blocks[first] not in ancestors[second]
+            and blocks[second] not in ancestors[first]
+        )
+
+    largest = 0
+    for size in range(1, length + 1):
+        for group in itertools.combinations(blocks, size):
+            if all(unordered(a, b) for a, b in itertools.combinations(group, 2)):
+                largest = size
+    assert largest == min(overlap + 1, length)
+
+
+def branching_model():
+    """Two inputs, three convolutions that read the same tensor, a nested
+    residual model, an LSTM whose cell state the loss never reaches, and a
+    convolution cut off from the loss by `stop_gradient`."""
+    images = keras.Input((6, 6, 1), name="images")
+    sequence = keras.Input((4, 2), name="sequence")
+    branches = [
+        keras.layers.Conv2D(2, size, padding="same")(images)
+        for size in (1, 3, 5)
+    ]
+    x = keras.layers.Concatenate()(branches)
+
+    inner_inputs = keras.Input((6, 6, 6))
+    inner = keras.layers.Conv2D(6, 3, padding="same", activation="tanh")(
+        inner_inputs
+    )
+    inner = keras.layers.Add()([inner, inner_inputs])
+    x = keras.Model(inner_inputs, inner, name="residual")(x)
+
+    cut = keras.layers.Conv2D(6, 3, padding="same")(images)
+    cut = keras.layers.Lambda(keras.ops.stop_gradient)(cut)
+    x = keras.layers.Conv2D(2, 3, strides=2)(keras.layers.Add()([x, cut]))
+    x = keras.layers.Flatten()(x)
+
+    _, state_h, _ = keras.layers.LSTM(3, return_state=True)(sequence)
+    x = keras.layers.Concatenate()([x, state_h])
+    logits = keras.layers.Dense(3)(keras.layers.Dense(5, "tanh")(x))
+    return keras.Model({"images": images, "sequence": sequence}, logits)
+
+
+@pytest.mark.parametrize("overlap", [0, 1, 2, 5])
+def test_overlap_keeps_probe_of_branching_model(overlap):
+    """Waiting for an earlier block changes neither the probe nor the
+    update of a `fit` step on a model with branches, shared inputs, a layer
+    with several outputs and a layer that the loss does not reach."""
+    network = branching_model()
+    rng = np.random.default_rng(15)
+    x = {
+        "images": rng.normal(size=(9, 6, 6, 1)).astype(np.float32),
+        "sequence": rng.normal(size=(9, 4, 2)).astype(np.float32),
+    }
+    y = rng.integers(0, 3, size=9).astype(np.int32)
+    expected = single_example_gram(network, x, y)
+    plain = branching_model()
+    plain.set_weights(network.get_weights())
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    model = FisherModel(network, fisher_interval=1, block_overlap=overlap)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+
+    with warnings.catch_warnings():
+        # The LSTM has no closed form, and the cut convolution no gradient.
+        warnings.simplefilter("ignore")
+        expected_changes = one_step_update(plain, x, y)
+        changes = one_step_update(model, x, y)
+
+    recorded = model.read_probe_values()
+    assert recorded["trace"] == pytest.approx(np.trace(expected), rel=RTOL)
+    assert recorded["lambda_max"] == pytest.approx(
+        np.linalg.eigvalsh(expected)[-1], rel=RTOL
+    )
+    for change, reference in zip(changes, expected_changes, strict=True):
+        np.testing.assert_allclose(
+            change, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max()
+        )
 
 
 # BatchNormalization: the per-layer tape is the reference.

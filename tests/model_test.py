@@ -1,11 +1,13 @@
 """Tests of FisherModel's training step and FisherCallback's records."""
 
 import csv
+import json
 import math
 import os
 import subprocess
 import sys
 import warnings
+import zipfile
 
 import keras
 import numpy as np
@@ -761,3 +763,28 @@ def test_saved_model_loads_and_probes_alike(small_digits, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "FisherModel"
+
+
+def test_file_without_block_overlap_loads(small_digits, tmp_path):
+    """A .keras file saved before `block_overlap` was an argument, whose
+    config lacks the key, loads with the default overlap."""
+    images, _ = small_digits
+    model = compiled(conv_bn_network(images.shape[1:]), block_overlap=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    old_path = tmp_path / "old.keras"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(
+        old_path, "w"
+    ) as target:
+        for item in source.infolist():
+            content = source.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(content)
+                del config["config"]["block_overlap"]
+                content = json.dumps(config).encode()
+            target.writestr(item, content)
+
+    loaded = keras.models.load_model(old_path)
+
+    assert isinstance(loaded, FisherModel)
+    assert loaded.block_overlap == gram.DEFAULT_BLOCK_OVERLAP

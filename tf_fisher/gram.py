@@ -1177,7 +1177,7 @@ def gram_and_kernel_gradients(calls, output_gradients, method="fast"):
 # peaks were the same as with 2.
 # NOTE: measured on CPUs only. A GPU runs most ops of a step one after
 # another on one stream, so there the overlap may save little time while it
-# still holds more memory.
+# still keeps more tensors in memory.
 DEFAULT_BLOCK_OVERLAP = 2
 
 
@@ -1189,8 +1189,12 @@ class GramTaps:
     receives the gradient at the layer output, forms the layer's Gram block
     from it, and returns the block as the gradient of a `[batch, batch]`
     zero tensor in `sources`. Except for Dense layers on vectors, the
-    gradient moves on to the layer's own backward pass only once an earlier
-    block exists, so that at most `block_overlap` + 1 blocks are pending.
+    gradient moves on to the layer's own backward pass only once the block
+    formed `block_overlap` blocks earlier in backprop exists, or its own
+    block with 0. Along a chain of layers, at most `block_overlap` + 1
+    blocks are then pending. Layers on parallel branches, such as
+    convolutions that read the same tensor, may form their blocks at the
+    same time whatever the value.
 
     Args:
         tape: the `tf.GradientTape` that records the forward pass.
@@ -1202,9 +1206,10 @@ class GramTaps:
             a block materialises also get a source, whose gradient is the
             kernel's gradient of the differentiated loss.
         block_overlap: how many layers' backward passes, its own first, a
-            block may overlap with. With 0, each layer's backward pass waits
-            for its own block, and the probe holds one layer's temporaries
-            at a time.
+            block may overlap with. Layers count in the order that backprop
+            reaches them, without Dense layers on vectors. With 0, each
+            layer's backward pass waits for its own block, and along a chain
+            the probe keeps one layer's temporaries at a time.
 
     Example:
 
@@ -1310,8 +1315,10 @@ class GramTaps:
         return identity
 
     def _block_to_wait_for(self, block, call):
-        """Return the block built `block_overlap` blocks before `block`, or
-        None. The backward pass of the layer waits for it.
+        """Record `block` and return the block recorded `block_overlap`
+        blocks before it, or None. The backward pass of the layer waits for
+        the returned block. Call this once per block, in the order that
+        backprop forms them.
 
         A Dense block on vectors needs only `[batch, batch]` temporaries, so
         it is left out: letting it overlap with the rest of backprop made
