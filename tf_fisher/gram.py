@@ -15,9 +15,9 @@ layer's output. From those two tensors each layer's block follows.
 `GramTaps`, which `gram_matrix` and `tf_fisher.FisherModel` use, forms each
 block inside the backward pass as soon as its gradient arrives. So the probe
 adds to the memory of a training step only the B x B blocks and the
-temporaries of a few layers at a time (three by default, see `GramTaps`),
-which for a materialised convolution are its per-example gradients. The
-blocks are:
+temporaries of a few layers at a time (along a chain of layers, three by
+default; see `GramTaps`), which for a materialised convolution are their
+per-example gradients. The blocks are:
 
 * `Dense` and `Conv2D` (no groups): the weight gradient of example i is
   Σ_t a_it ⊗ g_it over output positions t, with a the layer input (for a
