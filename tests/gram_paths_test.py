@@ -456,7 +456,7 @@ def op_ancestors(op):
 
 
 @pytest.mark.parametrize("overlap", [0, 1, 2, 5])
-def test_chain_runs_overlap_plus_one_blocks_at_once(overlap):
+def test_chain_concurrent_blocks(overlap):
     """In the compiled backward pass of a chain of six convolutions, blocks
     that no data or control edge orders can run at the same time. The
     largest such set must have `overlap` + 1 blocks, or all six."""
@@ -512,7 +512,7 @@ def branching_model():
 
 
 @pytest.mark.parametrize("overlap", [0, 1, 2, 5])
-def test_overlap_keeps_probe_of_branching_model(overlap):
+def test_branching_model_probe_any_overlap(overlap):
     """Waiting for an earlier block changes neither the probe nor the
     update of a `fit` step on a model with branches, shared inputs, a layer
     with several outputs and a layer that the loss does not reach."""

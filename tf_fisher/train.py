@@ -109,7 +109,7 @@ flags.DEFINE_integer(
     "block_overlap", gram.DEFAULT_BLOCK_OVERLAP,
     "How many layers' backward passes, its own first, a layer's Gram block "
     "may overlap with in a probed step. 0 uses the least memory, and each "
-    "one more holds up to one more layer's temporaries. On 2 CPU cores, 2 "
+    "one more keeps up to one more layer's temporaries. On 2 CPU cores, 2 "
     "ran faster than 0 and 1, and larger values were no faster.",
     lower_bound=0,
 )

@@ -57,8 +57,8 @@ tensors, rounded up to 256 bytes. A chunk it reuses can be up to twice the
 size of the tensor put in it. The resident set size cannot show the peak,
 because the allocator keeps freed memory for reuse.
 
-Full run (the default models and batch sizes; 28 to 33 minutes on 2 CPU
-cores of an Intel Xeon at 2.1 GHz, 11.5 to 13 of them in the memory
+Full run (the default models and batch sizes; 27 to 33 minutes on 2 CPU
+cores of an Intel Xeon at 2.1 GHz, 11 to 13 of them in the memory
 processes), from the repository root:
 
     python -m tools.benchmark --output=/tmp/benchmark.json
@@ -527,6 +527,8 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
 
 
 def _block_overlap(settings):
+    """Return the run's `block_overlap`, or the default for settings that
+    leave it out, such as those the tests build."""
     return settings.get("block_overlap", gram.DEFAULT_BLOCK_OVERLAP)
 
 
