@@ -407,24 +407,31 @@ def test_block_waits_for_earlier_block(overlap):
         assert actual is expected_block
 
 
-def conv_chain(length):
-    """Conv2D layers one after another, then a Dense head on vectors."""
+def conv_chain(length, batch_norm=False):
+    """`length` layers one after another, Conv2D, or Conv2D and
+    BatchNormalization in turn, then a Dense head on vectors."""
     inputs = keras.Input((6, 6, 2))
     x = inputs
     for index in range(length):
-        x = keras.layers.Conv2D(2, 3, padding="same", name=f"conv{index}")(x)
+        if batch_norm and index % 2:
+            x = keras.layers.BatchNormalization(name=f"bn{index}")(x)
+        else:
+            x = keras.layers.Conv2D(
+                2, 3, padding="same", name=f"conv{index}"
+            )(x)
     logits = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(x))
     return keras.Model(inputs, logits)
 
 
 def traced_blocks(network, x, overlap):
     """Trace one backward pass through `GramTaps` and return the op of each
-    Conv2D block, keyed by layer name."""
+    Conv2D and BatchNormalization block, keyed by layer name."""
     blocks = {}
+    kinds = (keras.layers.Conv2D, keras.layers.BatchNormalization)
 
     class RecordingTaps(gram.GramTaps):
         def _block_to_wait_for(self, block, call):
-            if isinstance(call.layer, keras.layers.Conv2D):
+            if isinstance(call.layer, kinds):
                 blocks[call.layer.name] = block.op
             return super()._block_to_wait_for(block, call)
 
@@ -455,13 +462,16 @@ def op_ancestors(op):
     return seen
 
 
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["conv", "bn"])
 @pytest.mark.parametrize("overlap", [0, 1, 2, 5])
-def test_chain_concurrent_blocks(overlap):
-    """In the compiled backward pass of a chain of six convolutions, blocks
-    that no data or control edge orders can run at the same time. The
-    largest such set must have `overlap` + 1 blocks, or all six."""
+def test_chain_concurrent_blocks(overlap, batch_norm):
+    """In the compiled backward pass of a chain of six layers, blocks that
+    no data or control edge orders can run at the same time. The largest
+    such set must have `overlap` + 1 blocks, or all six. With
+    BatchNormalization, whose block `GramTaps.batch_norm` forms inside the
+    layer's own backward pass, the bound is the same."""
     length = 6
-    network = conv_chain(length)
+    network = conv_chain(length, batch_norm)
     x, _ = random_batch((6, 6, 2), 4, 3, seed=14)
     blocks = traced_blocks(network, x, overlap)
     assert len(blocks) == length
@@ -703,6 +713,101 @@ def test_probed_step_applies_plain_keras_update(
         np.testing.assert_allclose(
             change, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max()
         )
+
+
+BATCH_NORM_SETTINGS = {
+    "default": {},
+    "without_center": {"center": False},
+    "without_scale": {"scale": False},
+    "channel_axis_1": {"axis": 1},
+    "regularised": {"gamma_regularizer": "l2", "beta_regularizer": "l2"},
+    "momentum_and_epsilon": {"momentum": 0.5, "epsilon": 0.3},
+    "frozen_gamma": {},
+    "on_vectors": {},
+}
+
+
+def batch_norm_network(setting):
+    """Conv2D (or Dense), a BatchNormalization set up as `setting` names,
+    ReLU and Dense logits; γ, β and the moving statistics start away from
+    their defaults."""
+    inputs = keras.Input((6, 6, 2))
+    if setting == "on_vectors":
+        x = keras.layers.Dense(7)(keras.layers.Flatten()(inputs))
+    else:
+        x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    layer = keras.layers.BatchNormalization(
+        gamma_initializer="random_uniform",
+        beta_initializer="random_uniform",
+        moving_mean_initializer="random_uniform",
+        moving_variance_initializer="ones",
+        **BATCH_NORM_SETTINGS[setting],
+    )
+    x = keras.layers.ReLU()(layer(x))
+    logits = keras.layers.Dense(3)(keras.layers.Flatten()(x))
+    if setting == "frozen_gamma":
+        layer.gamma.trainable = False
+    return keras.Model(inputs, logits)
+
+
+def batch_norm_statistics(network):
+    return [
+        (layer.moving_mean.numpy(), layer.moving_variance.numpy())
+        for layer in network.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+@pytest.mark.parametrize("setting", BATCH_NORM_SETTINGS)
+def test_fused_batch_norm_matches_keras(setting, monkeypatch):
+    """In a probed step, `GramTaps.batch_norm` runs BatchNormalization with
+    its own backward pass. The update and the moving statistics must equal
+    those of a plain Keras step, and the recorded spectrum that of the
+    per-layer tape, which calls the Keras layer."""
+    fused_calls = []
+    original = gram.GramTaps.batch_norm
+
+    def counting(self, layer, inputs):
+        fused_calls.append(layer.name)
+        return original(self, layer, inputs)
+
+    monkeypatch.setattr(gram.GramTaps, "batch_norm", counting)
+    plain = batch_norm_network(setting)
+    probed_network = batch_norm_network(setting)
+    probed_network.set_weights(plain.get_weights())
+    reference = batch_norm_network(setting)
+    reference.set_weights(plain.get_weights())
+    x, y = random_batch((6, 6, 2), 10, 3, seed=16)
+    expected_spectrum = measures.spectrum_statistics(
+        gram.gram_matrix(reference, LOSS, x, y, method="tape")
+    )
+    assert not fused_calls
+    probed = FisherModel(probed_network, fisher_interval=1)
+    for model in (plain, probed):
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+
+    expected = one_step_update(plain, x, y)
+    actual = one_step_update(probed, x, y)
+    assert len(fused_calls) == 1
+    # The bias of the layer before BatchNormalization has a zero gradient
+    # up to round-off, so the floor is relative to the largest change.
+    scale = max(np.abs(change).max() for change in expected)
+    for change, reference_change in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(
+            change, reference_change, rtol=RTOL, atol=RTOL * scale
+        )
+    for (mean, variance), (expected_mean, expected_variance) in zip(
+        batch_norm_statistics(probed_network),
+        batch_norm_statistics(plain),
+        strict=True,
+    ):
+        np.testing.assert_allclose(mean, expected_mean, rtol=1e-6)
+        np.testing.assert_allclose(variance, expected_variance, rtol=1e-6)
+    recorded = probed.read_probe_values()
+    for key in ("trace", "lambda_max", "lambda_min", "condition_number"):
+        assert recorded[key] == pytest.approx(
+            float(expected_spectrum[key]), rel=RTOL
+        ), key
 
 
 @pytest.mark.parametrize("build", [user_model, fallback_model])

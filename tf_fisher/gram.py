@@ -33,7 +33,9 @@ per-example gradients. The blocks are:
   β_i = Σ_space δ_i, with x̂ normalised by the batch statistics and δ the
   gradient of the batch loss at the layer output. These contributions sum to
   the batch gradient; for layers without cross-example coupling they equal the
-  per-example gradients.
+  per-example gradients. In a training step, `GramTaps` runs the layer with
+  a backward pass of its own, which forms these sums once and takes the
+  layer's gradients from them.
 * Any other layer with trainable weights, including a subclass of `Dense`,
   `Conv2D` or `BatchNormalization` that overrides its forward pass: the
   gradients of its weights for each example, from a `tf.GradientTape` around
@@ -171,14 +173,22 @@ def _trace_graph(model, inputs, training, calls, taps):
                 return _trace_graph(
                     operation, args[0], training, calls, taps
                 )
-            output = _call_with_training(operation, args, kwargs, training)
+            fused = taps is not None and taps.fuses(
+                operation, args, kwargs, training
+            )
+            if fused:
+                output = taps.batch_norm(operation, args[0])
+            else:
+                output = _call_with_training(
+                    operation, args, kwargs, training
+                )
             # Operations other than layers (`inputs * 2.0`, `keras.ops.*`,
             # masks) have no weights.
             if getattr(operation, "trainable_weights", None):
                 calls.append(
                     LayerCall(operation, args[0], output, args, dict(kwargs))
                 )
-                if taps is not None:
+                if taps is not None and not fused:
                     output = taps.tap(calls[-1])
             return output
 
@@ -787,26 +797,60 @@ def _batch_moments(layer, inputs):
 def _batch_norm_contributions(layer, inputs, output_gradient, moments=None):
     """Per-example contributions `[batch, channels]` of γ and of β.
 
-    γ_i = Σ_space x̂_i δ_i is formed as Σ_space (x_i - μ) δ_i / sqrt(σ² + ε),
-    so the only full-size products are x - μ and (x - μ) δ. `moments` are
-    the batch moments from `_batch_moments`, computed here when None.
+    `moments` are the batch moments from `_batch_moments`, computed here
+    when None.
     """
     inputs = tf.cast(inputs, tf.float32)
     delta = tf.cast(output_gradient, tf.float32)
-    space_axes = [axis for axis in layer._reduction_axes if axis != 0]
-    delta_sums = tf.reduce_sum(delta, axis=space_axes)
-    contributions = []
     if layer.scale and layer.gamma.trainable:
         mean, variance = moments or _batch_moments(layer, inputs)
-        shape = [1] * inputs.shape.rank
-        shape[layer.axis] = -1
-        centered_products = tf.reduce_sum(
-            (inputs - tf.reshape(mean, shape)) * delta, axis=space_axes
+        gamma_sums, beta_sums = _batch_norm_sums(
+            layer, inputs, delta, mean, variance
         )
-        inverse_std = tf.math.rsqrt(variance + layer.epsilon)
-        contributions.append(centered_products * inverse_std)
+    else:
+        gamma_sums = None
+        beta_sums = tf.reduce_sum(delta, axis=_space_axes(layer))
+    return _trainable_contributions(layer, gamma_sums, beta_sums)
+
+
+def _space_axes(layer):
+    """Return the axes, other than the batch axis, over which a
+    BatchNormalization layer takes its statistics."""
+    return [axis for axis in layer._reduction_axes if axis != 0]
+
+
+def _channel_shape(layer, rank):
+    """Return the shape that broadcasts a `[channels]` vector along
+    `layer.axis`."""
+    shape = [1] * rank
+    shape[layer.axis] = -1
+    return shape
+
+
+def _batch_norm_sums(layer, inputs, delta, mean, variance):
+    """Return γ_i = Σ_space x̂_i δ_i and β_i = Σ_space δ_i, each `[batch,
+    channels]`.
+
+    γ_i is formed as Σ_space (x_i - μ) δ_i / sqrt(σ² + ε), so the only
+    full-size products are x - μ and (x - μ) δ.
+    """
+    space_axes = _space_axes(layer)
+    centered = inputs - tf.reshape(
+        mean, _channel_shape(layer, inputs.shape.rank)
+    )
+    gamma_sums = tf.reduce_sum(centered * delta, axis=space_axes)
+    gamma_sums *= tf.math.rsqrt(variance + layer.epsilon)
+    return gamma_sums, tf.reduce_sum(delta, axis=space_axes)
+
+
+def _trainable_contributions(layer, gamma_sums, beta_sums):
+    """Return the contributions of the trainable weights among γ and β, in
+    the order of `layer.trainable_weights`."""
+    contributions = []
+    if layer.scale and layer.gamma.trainable:
+        contributions.append(gamma_sums)
     if layer.center and layer.beta.trainable:
-        contributions.append(delta_sums)
+        contributions.append(beta_sums)
     return contributions
 
 
@@ -1188,11 +1232,12 @@ class GramTaps:
     `tap`, an identity in the forward pass. In the backward pass the tap
     receives the gradient at the layer output, forms the layer's Gram block
     from it, and returns the block as the gradient of a `[batch, batch]`
-    zero tensor in `sources`. Except for Dense layers on vectors, the
-    gradient moves on to the layer's own backward pass only once the block
-    formed `block_overlap` blocks earlier in backprop exists, or its own
-    block with 0. Along a chain of layers, at most `block_overlap` + 1
-    blocks are then pending. Layers on parallel branches, such as
+    zero tensor in `sources`. A BatchNormalization layer in training mode
+    runs through `batch_norm` instead, whose backward pass does the same.
+    Except for Dense layers on vectors, the gradient moves on to the
+    layer's own backward pass only once the block formed `block_overlap`
+    blocks earlier in backprop exists, or its own block with 0. Along a
+    chain of layers, at most `block_overlap` + 1 blocks are then pending. Layers on parallel branches, such as
     convolutions that read the same tensor, may form their blocks at the
     same time whatever the value.
 
@@ -1334,6 +1379,121 @@ class GramTaps:
             return None
         return self._pending_blocks.popleft()
 
+    def fuses(self, layer, args, kwargs, training):
+        """Return True when `batch_norm` runs this call of `layer`."""
+        return (
+            self._method == "fast"
+            and training is True
+            and _is_fusable_batch_norm(layer, args, kwargs)
+        )
+
+    def batch_norm(self, layer, inputs):
+        """Run a BatchNormalization layer in training mode, with its Gram
+        block formed in its own backward pass.
+
+        The forward pass is the layer's: the same ops as Keras 3.15 uses,
+        and the same update of the moving statistics. The backward pass
+        forms the per-example sums Σ_space δ_i and Σ_space (x_i - μ) δ_i
+        that the block needs, and takes the gradients of the input, γ and
+        β from their batch sums. Keras' own backward pass would form those
+        batch sums again from full-size tensors. The block counts in
+        `block_overlap` as any other.
+
+        This was measured on 2 CPU cores (Intel Xeon, TensorFlow 2.21 with
+        oneDNN), in interleaved rounds, against forming the block beside
+        Keras' backward pass. ResNet-8's probed step at batch 128 went from
+        1.33 to 1.35 times a plain step down to 1.22 to 1.24. ResNet-20's
+        went from 1.36 to 1.41 down to 1.29 to 1.31, and ResNet-8's at
+        batch 512 from 1.59 to 1.68 down to 1.42 to 1.47. Peak memory
+        changed by at most 25 MiB.
+
+        Returns:
+            The layer output.
+        """
+        batch = tf.shape(inputs)[0]
+        source = tf.zeros([batch, batch])
+        self._tape.watch(source)
+        self._block_indices.append(len(self.sources))
+        self.sources.append(source)
+        inputs = tf.convert_to_tensor(inputs)
+        mean, variance = tf.nn.moments(
+            tf.stop_gradient(inputs), axes=layer._reduction_axes
+        )
+        _update_moving_statistics(layer, mean, variance)
+        gamma = keras.ops.cast(layer.gamma, tf.float32) if layer.scale else None
+        beta = keras.ops.cast(layer.beta, tf.float32) if layer.center else None
+        weights = [weight for weight in (gamma, beta) if weight is not None]
+
+        # `source` and `weights` are arguments so that the tape sends their
+        # gradients through `backward`. The forward pass reads γ and β from
+        # `gamma` and `beta`, the same tensors.
+        @tf.custom_gradient
+        def normalize(x, source, *weights):
+            del source, weights
+            outputs = keras.ops.batch_normalization(
+                x, mean, variance, axis=layer.axis, offset=beta, scale=gamma,
+                epsilon=layer.epsilon,
+            )
+            call = LayerCall(layer, x, outputs)
+
+            def backward(upstream):
+                delta = tf.zeros_like(x) if upstream is None else upstream
+                return self._batch_norm_backward(
+                    call, _held_until(delta, x), delta, mean, variance, gamma
+                )
+
+            return outputs, backward
+
+        return normalize(inputs, source, *weights)
+
+    def _batch_norm_backward(self, call, inputs, delta, mean, variance, gamma):
+        """Return the gradients of the input, of the block's source and of
+        γ and β, in the order `batch_norm` passes them, given `delta` at
+        the layer output."""
+        layer = call.layer
+        gamma_sums, beta_sums = _batch_norm_sums(
+            layer, inputs, delta, mean, variance
+        )
+        contributions = _trainable_contributions(layer, gamma_sums, beta_sums)
+        if contributions:
+            block = _flat_gram(tf.concat(contributions, axis=1))
+            block *= tf.square(self._scale)
+        else:
+            block = tf.zeros([tf.shape(inputs)[0]] * 2)
+        gamma_gradient = tf.reduce_sum(gamma_sums, axis=0)
+        beta_gradient = tf.reduce_sum(beta_sums, axis=0)
+
+        # With N values per channel, x̂ = (x - μ) s and s = 1/sqrt(σ² + ε):
+        # dx = γ s (δ - Σ δ / N - x̂ Σ x̂ δ / N), where Σ δ is β's gradient
+        # and Σ x̂ δ is γ's.
+        count = tf.cast(
+            tf.reduce_prod(tf.gather(tf.shape(inputs), layer._reduction_axes)),
+            tf.float32,
+        )
+        inverse_std = tf.math.rsqrt(variance + layer.epsilon)
+        factor = inverse_std if gamma is None else gamma * inverse_std
+        shape = _channel_shape(layer, inputs.shape.rank)
+
+        # Formed only once the earlier block exists, from x - μ formed
+        # again, so that no full-size tensor but δ waits for it.
+        waited = self._block_to_wait_for(block, call)
+        delta = _held_until(waited, delta)
+        centered = _held_until(waited, inputs) - tf.reshape(mean, shape)
+        input_gradient = (
+            delta * tf.reshape(factor, shape)
+            - centered * tf.reshape(
+                factor * inverse_std * gamma_gradient / count, shape
+            )
+            - tf.reshape(factor * beta_gradient / count, shape)
+        )
+
+        gradients = [input_gradient, block]
+        if layer.scale:
+            gradients.append(gamma_gradient)
+        if layer.center:
+            gradients.append(beta_gradient)
+        return gradients
+
     def gram(self, source_gradients):
         """Sum the blocks into the `[batch, batch]` float64 Gram matrix.
 
@@ -1356,6 +1516,47 @@ class GramTaps:
             for key, index in self._kernel_indices.items()
             if source_gradients[index] is not None
         }
+
+
+def _is_fusable_batch_norm(layer, args, kwargs):
+    """Return True for a call of a BatchNormalization layer that
+    `GramTaps.batch_norm` can run as Keras 3.15 runs it in training mode:
+    one float32 input without a mask, statistics over the batch axis, no
+    renorm or synchronisation. Other calls run the layer itself."""
+    if not (
+        isinstance(layer, keras.layers.BatchNormalization)
+        and _is_closed_form(layer)
+        and len(args) == 1
+        and tf.is_tensor(args[0])
+    ):
+        return False
+    inputs = args[0]
+    return (
+        layer.trainable
+        and inputs.dtype == tf.float32
+        and layer.compute_dtype == "float32"
+        and layer.variable_dtype == "float32"
+        and inputs.shape.rank is not None
+        and not layer.renorm
+        and not layer.synchronized
+        and 0 in layer._reduction_axes
+        and all(value is None for value in kwargs.values())
+        and getattr(inputs, "_keras_mask", None) is None
+    )
+
+
+def _update_moving_statistics(layer, mean, variance):
+    """Update the moving mean and variance of a BatchNormalization layer
+    from the batch moments, as its training-mode call does in Keras 3.15."""
+    momentum = layer.momentum
+    layer.moving_mean.assign(
+        keras.ops.cast(layer.moving_mean, mean.dtype) * momentum
+        + mean * (1.0 - momentum)
+    )
+    layer.moving_variance.assign(
+        keras.ops.cast(layer.moving_variance, variance.dtype) * momentum
+        + variance * (1.0 - momentum)
+    )
 
 
 def _materialises_kernel(call):
@@ -1386,7 +1587,11 @@ def _materialises_kernel(call):
 
 def _held_until(block, upstream):
     """Return `upstream`, read only after `block` exists when `block` is
-    not None."""
+    not None.
+
+    Also keeps an op of the backward pass that reads a forward tensor from
+    running before the gradient arrives, when `block` is that gradient.
+    """
     if block is None:
         return upstream
     with tf.control_dependencies([block]):
