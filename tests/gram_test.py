@@ -1,5 +1,7 @@
 """Tests of the per-layer Gram matrix against closed forms and plain loops."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -306,6 +308,61 @@ def test_bn_layer_tape_matches_numpy(resnet8, bn_batch):
             call.layer, call.inputs, delta
         )
         assert_matrix_close(actual.numpy(), expected)
+
+
+def masked_batch_norm_network():
+    """Embedding(mask_zero=True), BatchNormalization, masked average and
+    Dense logits."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((5,), dtype="int32")
+    x = keras.layers.Embedding(7, 3, mask_zero=True)(inputs)
+    x = keras.layers.BatchNormalization(gamma_initializer="random_uniform")(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x))
+
+
+def test_masked_batch_norm_uses_masked_moments():
+    """BatchNormalization takes its moments over the positions that the
+    mask keeps. Its block, alone and in the Gram matrix of each method,
+    must use the same x̂."""
+    network = masked_batch_norm_network()
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(1, 7, size=(6, 5)).astype(np.int32)
+    tokens[:, 3:] = 0
+    tokens[0, 1:] = 0
+    x = tf.constant(tokens)
+    y = tf.constant(rng.integers(0, 3, size=6).astype(np.int32))
+    calls, output_gradients, _ = traced_batch_gradients(network, x, y)
+    index = next(
+        i for i, call in enumerate(calls)
+        if isinstance(call.layer, keras.layers.BatchNormalization)
+    )
+    call, delta = calls[index], output_gradients[index].numpy()
+    inputs = call.inputs.numpy().astype(np.float64)
+    unmasked = (tokens != 0)[..., None]
+    mean = (inputs * unmasked).sum(axis=(0, 1)) / unmasked.sum()
+    variance = (((inputs - mean) ** 2) * unmasked).sum(axis=(0, 1)) / unmasked.sum()
+    normalized = (inputs - mean) / np.sqrt(variance + call.layer.epsilon)
+    contributions = np.concatenate(
+        [(normalized * delta).sum(axis=1), delta.sum(axis=1)], axis=1
+    )
+    expected_block = contributions @ contributions.T
+
+    with warnings.catch_warnings():
+        # The Embedding's block comes from the per-layer tape.
+        warnings.simplefilter("ignore")
+        other_blocks = sum(
+            gram.layer_gram(other, gradient).numpy().astype(np.float64)
+            for i, (other, gradient) in enumerate(
+                zip(calls, output_gradients, strict=True)
+            )
+            if i != index
+        )
+        for method in ("fast", "tape"):
+            block = gram.layer_gram(call, output_gradients[index], method)
+            assert_matrix_close(block.numpy(), expected_block)
+            actual = gram.gram_matrix(network, LOSS, x, y, method=method)
+            assert_matrix_close(actual.numpy(), other_blocks + expected_block)
 
 
 # Networks with BatchNormalization against numpy contributions, in each
