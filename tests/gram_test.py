@@ -341,7 +341,8 @@ def test_masked_batch_norm_uses_masked_moments():
     inputs = call.inputs.numpy().astype(np.float64)
     unmasked = (tokens != 0)[..., None]
     mean = (inputs * unmasked).sum(axis=(0, 1)) / unmasked.sum()
-    variance = (((inputs - mean) ** 2) * unmasked).sum(axis=(0, 1)) / unmasked.sum()
+    squares = ((inputs - mean) ** 2) * unmasked
+    variance = squares.sum(axis=(0, 1)) / unmasked.sum()
     normalized = (inputs - mean) / np.sqrt(variance + call.layer.epsilon)
     contributions = np.concatenate(
         [(normalized * delta).sum(axis=1), delta.sum(axis=1)], axis=1
