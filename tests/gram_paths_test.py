@@ -810,6 +810,20 @@ def test_fused_batch_norm_matches_keras(setting, monkeypatch):
         ), key
 
 
+@pytest.mark.parametrize("option", ["renorm", "synchronized"])
+def test_batch_norm_option_is_rejected(option):
+    """A BatchNormalization layer with renorm or synchronisation has no
+    per-example form; the probed step must raise, naming the option."""
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.BatchNormalization(**{option: True})(inputs)
+    logits = keras.layers.Dense(3)(keras.layers.Flatten()(x))
+    model = FisherModel(keras.Model(inputs, logits), fisher_interval=1)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    x, y = random_batch((6, 6, 2), 4, 3, seed=17)
+    with pytest.raises(NotImplementedError, match=f"{option}=True"):
+        one_step_update(model, x, y)
+
+
 @pytest.mark.parametrize("build", [user_model, fallback_model])
 def test_probe_in_training_step_matches_loop(build, monkeypatch):
     """The compiled probed step, with an unknown batch size, records the

@@ -1440,10 +1440,9 @@ class GramTaps:
         self._tape.watch(source)
         self._block_indices.append(len(self.sources))
         self.sources.append(source)
+        _check_batch_norm(layer)
         inputs = tf.convert_to_tensor(inputs)
-        mean, variance = tf.nn.moments(
-            tf.stop_gradient(inputs), axes=layer._reduction_axes
-        )
+        mean, variance = _batch_moments(layer, tf.stop_gradient(inputs))
         _update_moving_statistics(layer, mean, variance)
         gamma = beta = None
         if layer.scale:
@@ -1549,8 +1548,9 @@ class GramTaps:
 def _is_fusable_batch_norm(layer, args, kwargs):
     """Return True for a call of a BatchNormalization layer that
     `GramTaps.batch_norm` can run as Keras 3.15 runs it in training mode:
-    one float32 input without a mask, statistics over the batch axis, no
-    renorm or synchronisation. Other calls run the layer itself."""
+    one float32 input without a mask. Other calls run the layer itself.
+    `GramTaps.batch_norm` rejects the settings that `_check_batch_norm`
+    rejects, as the other routes do."""
     if not (
         isinstance(layer, keras.layers.BatchNormalization)
         and _is_closed_form(layer)
@@ -1565,9 +1565,6 @@ def _is_fusable_batch_norm(layer, args, kwargs):
         and layer.compute_dtype == "float32"
         and layer.variable_dtype == "float32"
         and inputs.shape.rank is not None
-        and not layer.renorm
-        and not layer.synchronized
-        and 0 in layer._reduction_axes
         and all(value is None for value in kwargs.values())
         and getattr(inputs, "_keras_mask", None) is None
     )
@@ -1617,8 +1614,8 @@ def _held_until(block, upstream):
     """Return `upstream`, read only after `block` exists when `block` is
     not None.
 
-    Also keeps an op of the backward pass that reads a forward tensor from
-    running before the gradient arrives, when `block` is that gradient.
+    When `block` is the gradient itself, this keeps a backward-pass op that
+    reads a forward tensor from running before the gradient arrives.
     """
     if block is None:
         return upstream
