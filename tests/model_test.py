@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 from tf_fisher import callbacks
 from tf_fisher import gram
@@ -34,13 +35,15 @@ def linear_network(input_shape, classes=10, seed=0):
     return keras.Model(inputs, logits)
 
 
-def conv_bn_network(input_shape, seed=0):
-    """Conv2D, BatchNormalization, ReLU, Dense logits."""
+def conv_bn_network(input_shape, seed=0, first_layer=None):
+    """Conv2D, BatchNormalization, ReLU, Dense logits, after `first_layer`
+    when one is given."""
     inputs = keras.Input(input_shape)
+    x = inputs if first_layer is None else first_layer(inputs)
     x = keras.layers.Conv2D(
         4, 3, strides=2, use_bias=False,
         kernel_initializer=keras.initializers.HeNormal(seed),
-    )(inputs)
+    )(x)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU()(x)
     logits = keras.layers.Dense(
@@ -492,6 +495,64 @@ def test_train_step_is_not_retraced(small_digits):
     # follow the first epoch.
     assert recorder.counts[0] <= 2
     assert recorder.counts == [recorder.counts[0]] * 8
+
+
+class XlaContextRecorder(keras.layers.Layer):
+    """Identity layer that records, each time a step is traced, whether the
+    trace is inside an XLA function."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.in_xla = []
+
+    def call(self, inputs):
+        # NOTE: a private function of TensorFlow 2.21, which TensorFlow's
+        # own control flow code calls to detect XLA functions.
+        self.in_xla.append(control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()
+        ))
+        return inputs
+
+
+def test_probed_step_runs_without_xla(digits):
+    images, labels = digits.train_images[:16], digits.train_labels[:16]
+    runs = {}
+    for jit_compile in (False, True):
+        network = conv_bn_network(
+            images.shape[1:], first_layer=XlaContextRecorder(name="recorder")
+        )
+        model = FisherModel(network, fisher_interval=2)
+        model.compile(
+            optimizer=keras.optimizers.SGD(
+                LEARNING_RATE, momentum=0.9, nesterov=True
+            ),
+            loss=LOSS, jit_compile=jit_compile,
+        )
+        assert model.jit_compile is jit_compile
+        # Drop the entry that building the network recorded.
+        network.get_layer("recorder").in_xla.clear()
+        recorder = callbacks.FisherCallback()
+        model.fit(
+            unshuffled(images, labels, 4), epochs=2, callbacks=[recorder],
+            verbose=0,
+        )
+        # Four batches per epoch and N = 2: two probes in each epoch.
+        assert [row["step"] for row in recorder.samples] == [1, 3, 5, 7]
+        runs[jit_compile] = recorder.samples, network
+    recorder_layer = runs[True][1].get_layer("recorder")
+    # Traced for the plain step, in XLA, and for the probed step, outside.
+    assert True in recorder_layer.in_xla
+    assert False in recorder_layer.in_xla
+    assert model.jit_compile is True
+    for plain_row, xla_row in zip(*(runs[j][0] for j in (False, True))):
+        # Training has not made the gradients vanish.
+        assert plain_row["trace"] > 1.0
+        for key in ("lambda_max", "lambda_min", "trace", "condition_number"):
+            assert xla_row[key] == pytest.approx(plain_row[key], rel=1e-4)
+    for plain_weight, xla_weight in zip(
+        runs[False][1].get_weights(), runs[True][1].get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(xla_weight, plain_weight, atol=1e-5)
 
 
 # FisherCallback.

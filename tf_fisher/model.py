@@ -72,7 +72,9 @@ class FisherModel(keras.Model):
     in `probe_values`. The host counts the steps and calls one compiled
     function or the other, so steps without a probe run the plain step and
     pay nothing for the measures. A `tf_fisher.FisherCallback` reads the
-    measures after each probed step.
+    measures after each probed step. With `compile(jit_compile=True)`, which
+    Keras also chooses by itself on a machine with a GPU, only the plain
+    step is compiled with XLA.
 
     The Gram matrix uses the sum convention: column i of J is the gradient of
     example i's loss, so J is B times what the mean-reduced training loss
@@ -228,7 +230,7 @@ class FisherModel(keras.Model):
         # NOTE: `_make_function` is the private helper behind Keras 3's own
         # `make_train_function` (TensorFlow backend, checked on Keras 3.15).
         plain_function = self._make_function(self.train_step)
-        probed_function = self._make_function(self.probed_train_step)
+        probed_function = self._make_probed_function()
         state = self._probe
 
         def train_function(iterator):
@@ -242,6 +244,24 @@ class FisherModel(keras.Model):
 
         self.train_function = train_function
         return train_function
+
+    def _make_probed_function(self):
+        """Compile the probed step, without XLA whatever `jit_compile` is.
+
+        Compiled with XLA on 2 CPU cores, the MLP's probed step at batch
+        128 took 35 ms against 6 ms for a plain XLA step, and ResNet-8's
+        5.5 s against 0.18 s. XLA's `tf.linalg.eigvalsh` alone took 32 ms
+        for a 128 x 128 matrix, against 1.6 ms without XLA. Plain steps
+        still follow `jit_compile`.
+        """
+        jit_compile = self.jit_compile
+        # `_make_function` reads `jit_compile` once, when it builds the
+        # step.
+        self.jit_compile = False
+        try:
+            return self._make_function(self.probed_train_step)
+        finally:
+            self.jit_compile = jit_compile
 
     def train_step(self, data):
         """Run one training step without a probe, as `keras.Model` does."""
