@@ -102,7 +102,11 @@ class FisherCallback(keras.callbacks.Callback):
     TensorBoard scalars.
 
     One instance may serve several `fit` calls (for example the stages of a
-    batch-size schedule): the measures keep accumulating across them.
+    batch-size schedule): the measures keep accumulating across them. Pass
+    each later call the `initial_epoch` where the previous one stopped, as
+    `keras.callbacks.TensorBoard` also needs: Keras numbers the epochs of a
+    call from `initial_epoch`, and the CSV's epoch column and the `epoch_*`
+    scalars take those numbers.
 
     Args:
         output_dir: folder for `samples.csv`; None writes no CSV.
