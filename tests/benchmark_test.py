@@ -159,6 +159,7 @@ def test_unprobed_is_timed_with_fast():
         ("--memory_timeout_seconds=nan", "must be a finite number"),
         ("--memory_timeout_seconds=inf", "must be a finite number"),
         ("--block_overlap=-1", "-1 is not a non-negative integer"),
+        ("--jit_compile=yes", "should be one of <auto|true|false>"),
     ],
 )
 def test_bad_flags_are_rejected(argument, message):
@@ -172,7 +173,7 @@ def test_settings_deduplicate_batch_sizes():
     flag_values([
         "benchmark", "--batch_sizes=32,16,32", "--overhead_target=0.05",
         "--variants=loop", "--models=resnet8,mlp,resnet8",
-        "--block_overlap=0",
+        "--block_overlap=0", "--jit_compile=true",
     ])
     settings = benchmark.settings_from_flags(flag_values)
     assert settings["batch_sizes"] == [16, 32]
@@ -180,6 +181,7 @@ def test_settings_deduplicate_batch_sizes():
     assert settings["overhead_target"] == pytest.approx(0.05)
     assert settings["variants"] == ["plain", "loop"]
     assert settings["block_overlap"] == 0
+    assert settings["jit_compile"] == "true"
 
 
 @pytest.mark.parametrize("variant", ["fast", "unprobed"])
@@ -188,6 +190,28 @@ def test_variant_takes_block_overlap(variant):
     assert model.block_overlap == 0
     default = benchmark.build_variant(variant, "mlp", 0)
     assert default.block_overlap == gram.DEFAULT_BLOCK_OVERLAP
+
+
+@pytest.mark.parametrize("variant", benchmark.VARIANTS)
+def test_variant_takes_jit_compile(variant):
+    for value, expected in (("true", True), ("false", False)):
+        model = benchmark.build_variant(variant, "mlp", 0, jit_compile=value)
+        assert model.jit_compile is expected
+    # Keras turns XLA off for "auto" on a machine without a GPU.
+    default = benchmark.build_variant(variant, "mlp", 0)
+    assert default.jit_compile is False
+
+
+def test_probed_variant_runs_with_xla(digits):
+    x, y = benchmark.batch_of_digits("mlp", 8, digits)
+    batches = benchmark.repeated_batch(x, y)
+    model = benchmark.build_variant("fast", "mlp", 0, jit_compile="true")
+    benchmark._warm_up({"fast": model}, x, y, batches, 1)
+    benchmark.run_step("fast", model, batches)
+    values = model.read_probe_values()
+    assert values["batch_size"] == 8
+    assert values["trace"] > 0
+    assert math.isfinite(values["condition_number"])
 
 
 def test_batches_have_unknown_size(digits):
@@ -260,6 +284,16 @@ def test_probe_memory_few_layers():
     added = peaks["fast"] - peaks["plain"]
     assert added > 0
     assert added <= 6 * largest_layer_mb
+
+
+def test_memory_process_accepts_jit_compile():
+    settings = {
+        "memory_repeats": 1, "seed": 0, "memory_timeout_seconds": 600,
+        "jit_compile": "true",
+    }
+    peaks = benchmark.memory_in_new_process("mlp", 2, ["plain"], settings)
+    assert set(peaks) == {"plain"}
+    assert peaks["plain"] > 0
 
 
 def test_memory_process_timeout(caplog):

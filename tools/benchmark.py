@@ -22,7 +22,10 @@ them alike:
 
 All variants share the optimizer (SGD, momentum 0.9, Nesterov), the loss
 (sparse categorical cross-entropy on logits) and the accuracy metric, and
-each has its own copy of the network, built with the same seed. Every step
+each has its own copy of the network, built with the same seed. All are
+compiled with `--jit_compile`: with "auto", the default, Keras uses XLA
+only on a machine with a GPU, and `FisherModel` compiles its probed steps
+without XLA in any case. Every step
 runs on the same batch of the embedded MNIST digits (32 x 32 x 1; copied to 3
 channels for the CIFAR-shaped ResNet-20). For networks with
 BatchNormalization the two reference routes run each example through BN
@@ -148,6 +151,8 @@ class _DropExpectedWarnings(std_logging.Filter):
 
 
 LEARNING_RATE = 0.01
+# Values of --jit_compile and the `jit_compile` that `compile` gets for each.
+JIT_COMPILE = {"auto": "auto", "true": True, "false": False}
 
 FLAGS = flags.FLAGS
 
@@ -251,6 +256,12 @@ def define_flags(flag_values=flags.FLAGS):
         "FisherModel variants: how many layers' backward passes a layer's "
         "Gram block may overlap with. 0 uses the least memory.",
         lower_bound=0, flag_values=flag_values,
+    )
+    flags.DEFINE_enum(
+        "jit_compile", "auto", list(JIT_COMPILE), "`jit_compile` of every "
+        "model: Keras compiles the steps with XLA for true, and for auto on "
+        "a machine with a GPU. FisherModel compiles its probed steps "
+        "without XLA either way.", flag_values=flag_values,
     )
     flags.register_validator(
         "models",
@@ -359,38 +370,41 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _compile(model):
+def _compile(model, jit_compile):
     model.compile(
         optimizer=keras.optimizers.SGD(
             LEARNING_RATE, momentum=0.9, nesterov=True
         ),
         loss=_loss(),
         metrics=["accuracy"],
+        jit_compile=JIT_COMPILE[jit_compile],
     )
     return model
 
 
 def build_variant(
-    variant, model_name, seed, block_overlap=gram.DEFAULT_BLOCK_OVERLAP
+    variant, model_name, seed, block_overlap=gram.DEFAULT_BLOCK_OVERLAP,
+    jit_compile="auto",
 ):
     """Build and compile the model that times `variant`. `block_overlap`
-    is passed to the `fast` and `unprobed` models."""
+    is passed to the `fast` and `unprobed` models, and `jit_compile`, a
+    key of `JIT_COMPILE`, to every model's `compile`."""
     network = models.build_model(
         model_name, INPUT_SHAPES[model_name], NUM_CLASSES, seed=seed
     )
     if variant == "plain":
-        return _compile(network)
+        return _compile(network, jit_compile)
     if variant == "whole_model":
         return _compile(_ReferenceFisherModel(
             network, whole_model_gram, _loss(), fisher_interval=1
-        ))
+        ), jit_compile)
     if variant == "loop":
         return _compile(_ReferenceFisherModel(
             network, loop_gram, _loss(), fisher_interval=1
-        ))
+        ), jit_compile)
     model = _compile(FisherModel(
         network, fisher_interval=1, block_overlap=block_overlap
-    ))
+    ), jit_compile)
     if variant == "unprobed":
         # Probes fall on steps 0, N, 2N, ... of an epoch, and the
         # benchmark never starts an epoch, so with the host counter past 0
@@ -501,7 +515,7 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
             )
             continue
         runners[variant] = build_variant(
-            variant, model_name, settings["seed"], _block_overlap(settings)
+            variant, model_name, settings["seed"], **_model_settings(settings)
         )
 
     batches = repeated_batch(x, y)
@@ -526,10 +540,16 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
     return results
 
 
-def _block_overlap(settings):
-    """Return the run's `block_overlap`, or the default for settings that
-    leave it out, such as those the tests build."""
-    return settings.get("block_overlap", gram.DEFAULT_BLOCK_OVERLAP)
+def _model_settings(settings):
+    """Return the run's `block_overlap` and `jit_compile` as keyword
+    arguments of `build_variant`, with the defaults for settings that leave
+    them out, such as those the tests build."""
+    return {
+        "block_overlap": settings.get(
+            "block_overlap", gram.DEFAULT_BLOCK_OVERLAP
+        ),
+        "jit_compile": settings.get("jit_compile", "auto"),
+    }
 
 
 def _warm_up(runners, x, y, batches, steps):
@@ -551,7 +571,7 @@ def measure_memory(model_name, batch_size, variants, settings, digits):
     x, y = batch_of_digits(model_name, batch_size, digits)
     runners = {
         variant: build_variant(
-            variant, model_name, settings["seed"], _block_overlap(settings)
+            variant, model_name, settings["seed"], **_model_settings(settings)
         )
         for variant in variants
     }
@@ -585,7 +605,10 @@ def memory_in_new_process(model_name, batch_size, variants, settings):
             f"--variants={','.join(variants)}",
             f"--memory_repeats={settings['memory_repeats']}",
             f"--seed={settings['seed']}",
-            f"--block_overlap={_block_overlap(settings)}",
+            *(
+                f"--{name}={value}"
+                for name, value in _model_settings(settings).items()
+            ),
             f"--output={output}",
         ]
         timeout = settings["memory_timeout_seconds"]
@@ -847,6 +870,7 @@ def settings_from_flags(flag_values=FLAGS):
         "memory_timeout_seconds": flag_values.memory_timeout_seconds,
         "seed": flag_values.seed,
         "block_overlap": flag_values.block_overlap,
+        "jit_compile": flag_values.jit_compile,
     }
     if flag_values.quick:
         settings.update(
