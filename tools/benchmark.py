@@ -25,11 +25,11 @@ All variants share the optimizer (SGD, momentum 0.9, Nesterov), the loss
 each has its own copy of the network, built with the same seed. All are
 compiled with `--jit_compile`: with "auto", the default, Keras uses XLA
 only on a machine with a GPU, and `FisherModel` compiles its probed steps
-without XLA in any case. Every step
-runs on the same batch of the embedded MNIST digits (32 x 32 x 1; copied to 3
-channels for the CIFAR-shaped ResNet-20). For networks with
-BatchNormalization the two reference routes run each example through BN
-alone, so they time the work of those routes, not the same numbers.
+without XLA in any case. Every step runs on the same batch of the embedded
+MNIST digits (32 x 32 x 1; copied to 3 channels for the CIFAR-shaped
+ResNet-20). For networks with BatchNormalization the two reference routes
+run each example through BN alone, so they time the work of those routes,
+not the same numbers.
 
 Reported per model and batch size: the median wall time of a step for each
 variant, its ratio to `plain`, the median process CPU time and the peak
