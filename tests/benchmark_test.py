@@ -103,6 +103,8 @@ def test_cell_timing_and_table_row(digits):
             float(np.median(result["times_ms"]))
         )
         assert result["median_ms"] > 0
+        # Keras leaves XLA off by default on a machine without a GPU.
+        assert result["jit_compile"] is False
     cell = {"model": "mlp", "batch_size": 4}
     cell.update(benchmark.summarise_cell(results, 50))
     report = {"settings": settings, "results": [cell]}
@@ -173,7 +175,7 @@ def test_settings_deduplicate_batch_sizes():
     flag_values([
         "benchmark", "--batch_sizes=32,16,32", "--overhead_target=0.05",
         "--variants=loop", "--models=resnet8,mlp,resnet8",
-        "--block_overlap=0", "--jit_compile=true",
+        "--block_overlap=0", "--jit_compile=True",
     ])
     settings = benchmark.settings_from_flags(flag_values)
     assert settings["batch_sizes"] == [16, 32]

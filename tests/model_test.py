@@ -555,6 +555,30 @@ def test_probed_step_runs_without_xla(digits):
         np.testing.assert_allclose(xla_weight, plain_weight, atol=1e-5)
 
 
+def test_fit_keeps_jit_compile(small_digits):
+    """Building the probed step leaves `jit_compile` as `compile` set it,
+    as for a plain Keras model, even when the model would no longer pass
+    Keras' XLA check."""
+    images, labels = small_digits
+    network = linear_network(images.shape[1:])
+    model = FisherModel(network, fisher_interval=2)
+    model.compile(
+        optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=LOSS,
+        jit_compile=True,
+    )
+    # Keras checks each layer's `supports_jit` when `jit_compile` is set.
+    network.layers[-1].supports_jit = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            unshuffled(images, labels, 4), epochs=1, verbose=0,
+            callbacks=[callbacks.FisherCallback()],
+        )
+    assert model.jit_compile is True
+    messages = [str(warning.message) for warning in caught]
+    assert not [m for m in messages if "jit_compile" in m]
+
+
 # FisherCallback.
 
 

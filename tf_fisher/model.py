@@ -72,9 +72,11 @@ class FisherModel(keras.Model):
     in `probe_values`. The host counts the steps and calls one compiled
     function or the other, so steps without a probe run the plain step and
     pay nothing for the measures. A `tf_fisher.FisherCallback` reads the
-    measures after each probed step. With `compile(jit_compile=True)`, which
-    Keras also chooses by itself on a machine with a GPU, only the plain
-    step is compiled with XLA.
+    measures after each probed step. The probed step is never compiled with
+    XLA: with `compile(jit_compile=True)`, which Keras also chooses by
+    itself on a machine with a GPU (unless a distribution strategy is set
+    or a layer does not support XLA), only the plain step, `evaluate` and
+    `predict` are.
 
     The Gram matrix uses the sum convention: column i of J is the gradient of
     example i's loss, so J is B times what the mean-reduced training loss
@@ -264,7 +266,11 @@ class FisherModel(keras.Model):
         try:
             return self._make_function(self.probed_train_step)
         finally:
-            self.jit_compile = jit_compile
+            # NOTE: Keras 3.15's private attribute behind `jit_compile`. Its
+            # setter would check again whether the model supports XLA, and
+            # could turn it off, with a warning, for a plain step that
+            # `_make_function` has already compiled with XLA.
+            self._jit_compile = jit_compile
 
     def train_step(self, data):
         """Run one training step without a probe, as `keras.Model` does."""

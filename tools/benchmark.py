@@ -261,7 +261,8 @@ def define_flags(flag_values=flags.FLAGS):
         "jit_compile", "auto", list(JIT_COMPILE), "`jit_compile` of every "
         "model: Keras compiles the steps with XLA for true, and for auto on "
         "a machine with a GPU. FisherModel compiles its probed steps "
-        "without XLA either way.", flag_values=flag_values,
+        "without XLA either way. Each timed variant records the value "
+        "Keras chose.", case_sensitive=False, flag_values=flag_values,
     )
     flags.register_validator(
         "models",
@@ -529,10 +530,13 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
         # budget estimate of its own.
         if name in runners:
             previous[name] = (batch_size, median)
+        model = runners.get(name, runners.get("unprobed"))
         results[name] = {
             "median_ms": 1e3 * median,
             "times_ms": [1e3 * t for t in times[name]],
             "median_cpu_ms": 1e3 * statistics.median(cpu_times[name]),
+            # Whether Keras compiled the steps without a probe with XLA.
+            "jit_compile": bool(model.jit_compile),
         }
     del runners
     keras.backend.clear_session()
