@@ -576,7 +576,7 @@ def test_fit_keeps_jit_compile(small_digits):
         )
     assert model.jit_compile is True
     messages = [str(warning.message) for warning in caught]
-    assert not [m for m in messages if "jit_compile" in m]
+    assert not any("jit_compile" in message for message in messages)
 
 
 # FisherCallback.

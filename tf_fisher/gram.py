@@ -1566,7 +1566,7 @@ def _is_fusable_batch_norm(layer, args, kwargs):
         and layer.variable_dtype == "float32"
         and inputs.shape.rank is not None
         and all(value is None for value in kwargs.values())
-        and getattr(inputs, "_keras_mask", None) is None
+        and _input_mask(inputs, kwargs) is None
     )
 
 

@@ -535,7 +535,7 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
             "median_ms": 1e3 * median,
             "times_ms": [1e3 * t for t in times[name]],
             "median_cpu_ms": 1e3 * statistics.median(cpu_times[name]),
-            # Whether Keras compiled the steps without a probe with XLA.
+            # True when Keras compiled the model's unprobed steps with XLA.
             "jit_compile": bool(model.jit_compile),
         }
     del runners
