@@ -1428,9 +1428,9 @@ class GramTaps:
         1.33 to 1.35 times a plain step down to 1.22 to 1.24. ResNet-20's
         went from 1.36 to 1.41 down to 1.29 to 1.31, and ResNet-8's at
         batch 512 from 1.59 to 1.68 down to 1.42 to 1.47. Peak memory
-        changed by at most 25 MiB in that comparison. In a new process for
-        each version, ResNet-20's probed step at batch 512 peaked at 1,181
-        MiB with this backward pass and at 1,112 MiB without.
+        changed by at most 25 MiB in that comparison. In new processes that
+        ran one op at a time, ResNet-20's probed step at batch 512 peaked at
+        975 MiB with this backward pass and at 973 to 981 MiB without.
 
         Returns:
             The layer output.

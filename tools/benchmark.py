@@ -58,7 +58,10 @@ counts, every tensor. The timed steps keep the default allocator, the one
 training runs with. The BFC allocator counts the chunks that contain
 tensors, rounded up to 256 bytes. A chunk it reuses can be up to twice the
 size of the tensor put in it. The resident set size cannot show the peak,
-because the allocator keeps freed memory for reuse.
+because the allocator keeps freed memory for reuse. The peak depends on
+which ops run at the same time, so it moves between processes. The memory
+process inherits the environment, and TF_NUM_INTEROP_THREADS=1 there runs
+one op at a time, which made its peaks far steadier when measured.
 
 Full run (the default models and batch sizes; 27 to 33 minutes on 2 CPU
 cores of an Intel Xeon at 2.1 GHz, 11 to 13 of them in the memory
