@@ -203,13 +203,21 @@ def finished_summary(spec):
 
 def config_differences(recorded, config):
     """Return "field: recorded != expected" strings for the fields in which
-    a recorded config dict differs from a `RunConfig`."""
+    a recorded config dict differs from a `RunConfig`.
+
+    A field that the recorded config lacks, because it was written before
+    the field existed, counts as its default, the behaviour of that time.
+    """
     expected = json.loads(json.dumps(dataclasses.asdict(config)))
-    return [
-        f"{key}: {recorded.get(key)!r} != {value!r}"
-        for key, value in expected.items()
-        if key not in _RESULT_NEUTRAL_FIELDS and recorded.get(key) != value
-    ]
+    defaults = json.loads(json.dumps(dataclasses.asdict(run.RunConfig())))
+    differences = []
+    for key, value in expected.items():
+        if key in _RESULT_NEUTRAL_FIELDS:
+            continue
+        recorded_value = recorded.get(key, defaults[key])
+        if recorded_value != value:
+            differences.append(f"{key}: {recorded_value!r} != {value!r}")
+    return differences
 
 
 def check_run_folder(path):

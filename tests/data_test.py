@@ -356,6 +356,83 @@ def test_augment_batch_outputs_are_flipped_crops():
     assert flipped_seen == {False, True}
 
 
+def test_augment_batch_without_flips_crops_only():
+    """With flip=False every image is an unflipped crop, at the offsets
+    that the same seed draws with flips: where a crop was not flipped the
+    two outputs agree, and where it was, they are mirror images."""
+    images = _made_up_images(batch=16)
+    padding = 2
+    for seed in range(5):
+        seed_tensor = tf.constant([seed, 3], tf.int64)
+        cropped = data.augment_batch(
+            images, seed_tensor, padding, flip=False
+        ).numpy()
+        both = data.augment_batch(images, seed_tensor, padding).numpy()
+        mirrored = 0
+        for i in range(images.shape[0]):
+            crops = [
+                _numpy_flip_and_crop(images[i], False, row, column, padding)
+                for row in range(2 * padding + 1)
+                for column in range(2 * padding + 1)
+            ]
+            offset = next(
+                k for k, crop in enumerate(crops)
+                if np.array_equal(cropped[i], crop)
+            )
+            row, column = divmod(offset, 2 * padding + 1)
+            if not np.array_equal(both[i], cropped[i]):
+                mirrored += 1
+                np.testing.assert_array_equal(
+                    both[i],
+                    _numpy_flip_and_crop(
+                        images[i], True, row, column, padding
+                    ),
+                )
+        assert 0 < mirrored < images.shape[0], seed
+
+
+@pytest.mark.parametrize(
+    "augmentation, augment, flip",
+    [("none", False, True), ("crop", True, False), ("flip_crop", True, True)],
+)
+def test_with_augmentation_sets_fields(augmentation, augment, flip):
+    splits = data.with_augmentation(_indexed_splits(4), augmentation)
+    assert splits.augment == augment
+    if augment:
+        assert splits.flip == flip
+    assert data.with_augmentation(splits, "auto") is splits
+
+
+def test_with_augmentation_rejects_unknown_value():
+    with pytest.raises(ValueError, match="augment='flip'") as error:
+        data.with_augmentation(_indexed_splits(4), "flip")
+    assert "auto, none, crop, flip_crop" in str(error.value)
+
+
+def test_train_pipeline_crops_without_flips():
+    """A pipeline of `crop` splits gives unflipped crops of the images."""
+    size = 8
+    image = np.arange(1, size * size + 1, dtype=np.float32)
+    images = np.repeat(image.reshape(1, size, size, 1), 32, axis=0)
+    splits = data.DatasetSplits(
+        name="ramp", train_images=images,
+        train_labels=np.zeros(32, np.int32), test_images=images[:2],
+        test_labels=np.zeros(2, np.int32), num_classes=1, augment=False,
+    )
+    output, _ = _epoch_batches(
+        data.train_pipeline(data.with_augmentation(splits, "crop"), 32, 0)
+    )[0]
+    # Values rise from left to right along each row of the image, so along
+    # every row of an unflipped crop the nonzero values rise as well.
+    shifted = 0
+    for crop in output[..., 0]:
+        for row in crop:
+            values = row[row > 0]
+            assert np.all(np.diff(values) > 0)
+        shifted += not np.array_equal(crop, image.reshape(size, size))
+    assert shifted > 0
+
+
 def test_augment_batch_deterministic_per_seed():
     images = _made_up_images(batch=8)
     seed = tf.constant([11, 0], tf.int64)

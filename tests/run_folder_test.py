@@ -1,6 +1,7 @@
 """Tests of run-folder handling: reruns, --overwrite, files, report kinds."""
 
 import csv
+import json
 import os
 
 import pytest
@@ -111,6 +112,39 @@ def test_bad_seed_rejected_before_writing(tmp_path, digits):
             run.train(config, digits)
         assert not (tmp_path / "run").exists()
     run.check_options(run.RunConfig(seed=2**32 - 1))
+
+
+def test_augment_flag_changes_training(tmp_path):
+    """--augment=crop trains on random crops of the digits, so its first
+    epoch differs from one without augmentation. For mnist5k, auto
+    means none. The choice is recorded in config.json."""
+    losses = {}
+    for augmentation in ("auto", "none", "crop"):
+        output_dir = tmp_path / augmentation
+        arguments = (
+            f"--output_dir={output_dir}", "--epochs=1", "--batch_size=500",
+            f"--augment={augmentation}",
+        )
+        assert run_cli(*arguments) == 0
+        with open(output_dir / "config.json") as file:
+            config = json.load(file)
+        assert config["augment"] == augmentation
+        (row,) = read_rows(output_dir / "epochs.csv")
+        losses[augmentation] = float(row["loss"])
+    assert losses["auto"] == pytest.approx(losses["none"], rel=1e-4)
+    assert losses["crop"] != pytest.approx(losses["none"], rel=1e-2)
+
+
+def test_bad_augment_rejected_before_writing(tmp_path, digits, capsys):
+    config = run.RunConfig(augment="flip", output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="augment='flip'"):
+        run.train(config, digits)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(f"--output_dir={tmp_path / 'run'}", "--augment=flip")
+    assert exit_info.value.code == 2
+    assert "--augment" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_default_folders_same_second_differ(monkeypatch, tmp_path):

@@ -152,11 +152,29 @@ def test_grid_options_reach_run_config():
             {"options": {"momentum": 1.5}},
             r"In grid .*Received: momentum=1.5",
         ),
+        (
+            {"options": {"augment": "flip"}},
+            r"In grid .*Received: augment='flip'",
+        ),
     ],
 )
 def test_check_study_rejects(changes, message):
     with pytest.raises(ValueError, match=message):
         study_lib.check_study(small_study(small_grid(**changes)))
+
+
+def test_config_without_newer_field_counts_default():
+    """A run recorded before a RunConfig field existed trained as the
+    field's default does, so a resumed sweep keeps it and reruns it only
+    when the grid sets another value."""
+    config = run.RunConfig(output_dir="runs/a")
+    recorded = json.loads(json.dumps(dataclasses.asdict(config)))
+    del recorded["augment"]
+    assert sweep.config_differences(recorded, config) == []
+    cropped = dataclasses.replace(config, augment="crop")
+    assert sweep.config_differences(recorded, cropped) == [
+        "augment: 'auto' != 'crop'"
+    ]
 
 
 def test_check_study_rejects_duplicate_folders():

@@ -235,6 +235,7 @@ def train_adaptive(config, policy, splits=None):
     if splits is None:
         splits = data.load_dataset(config.dataset, config.data_dir)
     _check_sizes_fit_data(config, policy, splits.num_train)
+    splits = data.with_augmentation(splits, config.augment)
     os.makedirs(config.output_dir, exist_ok=True)
     run.write_json_atomically(
         os.path.join(config.output_dir, "config.json"),

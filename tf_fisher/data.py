@@ -42,12 +42,19 @@ MNIST5K_NUM_TRAIN = 4000
 # Residual Learning for Image Recognition", 2016).
 CROP_PADDING = 4
 
-# Datasets with flip-and-crop augmentation during training.
+# Datasets with flip-and-crop augmentation during training, unless a run
+# sets another `AUGMENTATIONS` value.
 # NOTE: the paper states that all its training used He et al.'s
 # augmentation, and the authors' published transforms include a random crop
 # for MNIST. Their MNIST and SVHN loaders are not published, so how or
-# whether they augmented those datasets is unknown. Only CIFAR is augmented.
+# whether they augmented those datasets is unknown. Only CIFAR is augmented
+# by default.
 _AUGMENTED = frozenset({"cifar10", "cifar100"})
+
+# Augmentations a run may choose: "auto" keeps the dataset's default (flips
+# and crops for CIFAR, none for the others), "none" turns it off, "crop"
+# takes random crops without flips, and "flip_crop" takes both.
+AUGMENTATIONS = ("auto", "none", "crop", "flip_crop")
 # Datasets with 28 x 28 images that are zero-padded to 32 x 32.
 _MNIST_TYPE = frozenset({"mnist5k", "mnist"})
 _MNIST_PADDING = 2
@@ -99,7 +106,8 @@ class DatasetSplits:
             with the training-split statistics.
         test_labels: [num_test] int32 class ids.
         num_classes: number of classes.
-        augment: whether train_pipeline applies flip-and-crop augmentation.
+        augment: whether train_pipeline applies random crops.
+        flip: whether those crops come with random horizontal flips.
     """
 
     name: str
@@ -109,6 +117,7 @@ class DatasetSplits:
     test_labels: np.ndarray
     num_classes: int
     augment: bool
+    flip: bool = True
 
     def __post_init__(self):
         _check_images_labels(self.train_images, self.train_labels, "train")
@@ -222,6 +231,32 @@ def _normalise_splits(name, train, test, num_classes) -> DatasetSplits:
         num_classes=int(num_classes),
         augment=name in _AUGMENTED,
     )
+
+
+def with_augmentation(splits: DatasetSplits, augmentation: str):
+    """Return `splits` with the training augmentation `augmentation`, one
+    of `AUGMENTATIONS`; "auto" returns `splits` unchanged.
+
+    Raises:
+        ValueError: if `augmentation` is not in `AUGMENTATIONS`.
+    """
+    check_augmentation(augmentation)
+    if augmentation == "auto":
+        return splits
+    return dataclasses.replace(
+        splits,
+        augment=augmentation != "none",
+        flip=augmentation == "flip_crop",
+    )
+
+
+def check_augmentation(augmentation) -> None:
+    """Raise ValueError unless `augmentation` is one of `AUGMENTATIONS`."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(
+            f"Invalid augment: expected one of {', '.join(AUGMENTATIONS)}. "
+            f"Received: augment={augmentation!r}"
+        )
 
 
 def split_mnist5k_indices(
@@ -527,8 +562,8 @@ def train_pipeline(
     copy of the images.
 
     Args:
-        splits: the dataset. Flip-and-crop augmentation is applied when
-            splits.augment is true.
+        splits: the dataset. Random crops are applied when splits.augment
+            is true, with random flips when splits.flip is also true.
         batch_size: examples per batch, 1 <= batch_size <= splits.num_train.
         seed: non-negative seed of the shuffle and augmentation draws.
             NOTE: tf.data combines it with TensorFlow's global seed
@@ -574,7 +609,10 @@ def train_pipeline(
     def gather_and_augment(batch_indices, batch_seed):
         batch_images, batch_labels = gather(batch_indices)
         stateless_seed = tf.stack([batch_seed, tf.constant(0, tf.int64)])
-        return augment_batch(batch_images, stateless_seed), batch_labels
+        augmented = augment_batch(
+            batch_images, stateless_seed, flip=splits.flip
+        )
+        return augmented, batch_labels
 
     dataset = tf.data.Dataset.zip((indices, batch_seeds))
     dataset = dataset.map(
@@ -616,7 +654,10 @@ def eval_pipeline(
 
 
 def augment_batch(
-    images: tf.Tensor, seed: tf.Tensor, padding: int = CROP_PADDING
+    images: tf.Tensor,
+    seed: tf.Tensor,
+    padding: int = CROP_PADDING,
+    flip: bool = True,
 ) -> tf.Tensor:
     """Randomly flips and crops each image of a batch.
 
@@ -630,17 +671,21 @@ def augment_batch(
         images: [b, h, w, c] float32 images.
         seed: [2] int32 or int64 stateless random seed.
         padding: pixels of zero padding before the crop.
+        flip: False crops without flipping, at the same offsets as with
+            flips for the same seed.
 
     Returns:
         [b, h, w, c] augmented images.
     """
     flip_seed, crop_seed = tf.unstack(tf.random.split(seed, 2))
     batch = tf.shape(images)[0]
-    flip = tf.random.stateless_uniform([batch], flip_seed) < 0.5
+    flips = tf.random.stateless_uniform([batch], flip_seed) < 0.5
+    if not flip:
+        flips = tf.zeros_like(flips)
     offsets = tf.random.stateless_uniform(
         [batch, 2], crop_seed, minval=0, maxval=2 * padding + 1, dtype=tf.int32
     )
-    return flip_and_crop_batch(images, flip, offsets, padding)
+    return flip_and_crop_batch(images, flips, offsets, padding)
 
 
 def flip_and_crop_batch(

@@ -82,6 +82,10 @@ class RunConfig:
         eigenvalue_tolerance: relative tolerance for nonzero eigenvalues.
         momentum: Nesterov momentum.
         weight_decay: L2 coefficient, kept out of J.
+        augment: training augmentation, one of
+            `tf_fisher.data.AUGMENTATIONS`: "auto" (the dataset's default:
+            flips and crops for CIFAR, none for the others), "none", "crop"
+            or "flip_crop".
         gram_method: "fast" or "tape".
         block_overlap: `FisherModel`'s `block_overlap`; it changes the
             memory and speed of probed steps, not their measures.
@@ -103,6 +107,7 @@ class RunConfig:
     eigenvalue_tolerance: float = measures.DEFAULT_TOLERANCE
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    augment: str = "auto"
     gram_method: str = "fast"
     block_overlap: int = gram.DEFAULT_BLOCK_OVERLAP
     data_dir: str = None
@@ -393,6 +398,7 @@ def run_hparams(config, schedule=None):
         "eigenvalue_tolerance": float(config.eigenvalue_tolerance),
         "momentum": float(config.momentum),
         "weight_decay": float(config.weight_decay),
+        "augment": config.augment,
     }
 
 
@@ -499,8 +505,9 @@ def check_options(config):
     The fields are `fisher_interval`, `eigenvalue_tolerance`,
     `weight_decay`, `gram_method` and `block_overlap`, checked as
     `FisherModel` checks them,
-    `momentum`, a number in [0, 1] as Keras' SGD requires, and `seed`, an
-    integer in [0, `MAX_SEED`] as NumPy's seeding requires.
+    `momentum`, a number in [0, 1] as Keras' SGD requires, `seed`, an
+    integer in [0, `MAX_SEED`] as NumPy's seeding requires, and `augment`,
+    one of `tf_fisher.data.AUGMENTATIONS`.
     """
     model_lib.check_arguments(
         config.fisher_interval,
@@ -529,6 +536,7 @@ def check_options(config):
             f"Invalid seed: expected an integer from 0 to {MAX_SEED}. "
             f"Received: seed={seed!r}"
         )
+    data.check_augmentation(config.augment)
 
 
 def check_run(config, num_train):
@@ -559,6 +567,7 @@ def train(config, splits=None, model_class=FisherModel):
     if splits is None:
         splits = data.load_dataset(config.dataset, config.data_dir)
     check_run(config, splits.num_train)
+    splits = data.with_augmentation(splits, config.augment)
     os.makedirs(config.output_dir, exist_ok=True)
     write_json_atomically(
         os.path.join(config.output_dir, "config.json"),

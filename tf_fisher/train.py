@@ -101,6 +101,12 @@ flags.DEFINE_float(
     lower_bound=0.0,
 )
 flags.DEFINE_enum(
+    "augment", "auto", list(data.AUGMENTATIONS),
+    "Training augmentation: auto (flips and crops for CIFAR, none for the "
+    "other datasets), none, crop (random crops after 4-pixel zero padding) "
+    "or flip_crop (crops and horizontal flips, He et al. 2016).",
+)
+flags.DEFINE_enum(
     "gram_method", "fast", ["fast", "tape"],
     "How per-layer Gram blocks are formed: closed forms (fast) or a "
     "per-example tape for every layer (tape).",
@@ -236,6 +242,7 @@ def config_from_flags():
         eigenvalue_tolerance=FLAGS.eigenvalue_tolerance,
         momentum=FLAGS.momentum,
         weight_decay=FLAGS.weight_decay,
+        augment=FLAGS.augment,
         gram_method=FLAGS.gram_method,
         block_overlap=FLAGS.block_overlap,
         data_dir=(
