@@ -63,6 +63,7 @@ from absl import flags
 from absl import logging
 
 from experiments import study as study_lib
+from experiments import sweep
 from tf_fisher import adaptive
 from tf_fisher import batch_size_policies
 from tf_fisher import cli
@@ -194,12 +195,7 @@ def train_or_reuse(config, train, policy=None):
     if summary is None:
         clear_unfinished(config.output_dir)
         return train()
-    expected = json.loads(json.dumps(dataclasses.asdict(config)))
-    differences = [
-        key for key, value in expected.items()
-        if key not in ("output_dir", "data_dir", "verbose")
-        and summary["config"].get(key) != value
-    ]
+    differences = sweep.config_differences(summary["config"], config)
     if policy is not None and summary.get("adaptive") != json.loads(
         json.dumps(policy.describe())
     ):
@@ -692,7 +688,8 @@ def main(argv):
         run.check_folder_path(FLAGS.output_dir)
         check_settings(settings, FLAGS.output_dir)
         os.makedirs(FLAGS.output_dir, exist_ok=True)
-        lines = run_study(settings, FLAGS.output_dir)
+        with run.folder_lock(FLAGS.output_dir):
+            lines = run_study(settings, FLAGS.output_dir)
     except ValueError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2

@@ -206,7 +206,7 @@ def config_differences(recorded, config):
     a recorded config dict differs from a `RunConfig`.
 
     A field that the recorded config lacks, because it was written before
-    the field existed, counts as its default, the behaviour of that time.
+    the field existed, counts as the field's default.
     """
     expected = json.loads(json.dumps(dataclasses.asdict(config)))
     defaults = json.loads(json.dumps(dataclasses.asdict(run.RunConfig())))
@@ -268,9 +268,13 @@ def run_sweep(study, output_dir, jobs=1, threads_per_job=0):
     Raises:
         ValueError: for an invalid study, a batch size larger than the
             training set, or a run folder that contains another
-            configuration, raised before anything is written.
+            configuration, raised before anything is written, or for
+            another process that trains into `output_dir` (see
+            `tf_fisher.run.folder_lock`).
         tf_fisher.data.DatasetNotFoundError: if the dataset of a run to
             train is not prepared, raised before anything is written.
+
+    The sweep leaves `tf_fisher.run.LOCK_FILE` in `output_dir`.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(
@@ -278,6 +282,23 @@ def run_sweep(study, output_dir, jobs=1, threads_per_job=0):
         )
     run.check_folder_path(output_dir)
     specs = study_lib.expand(study, output_dir)
+    if not os.path.exists(os.path.join(output_dir, run.LOCK_FILE)):
+        # Nothing is written before the checks pass.
+        _finished_and_pending(specs)
+        os.makedirs(output_dir, exist_ok=True)
+    # Where an earlier sweep left the lock file, the lock comes first,
+    # because that sweep may still be writing its run folders. The checks
+    # then run again, since they may have changed before the lock was taken.
+    with run.folder_lock(output_dir):
+        outcomes, pending = _finished_and_pending(specs)
+        return _train_locked(study, output_dir, specs, outcomes, pending,
+                             jobs, threads_per_job)
+
+
+def _finished_and_pending(specs):
+    """Return (dict name -> `Outcome` of each finished run, list of the
+    specs to train), after checking the folder and the batch sizes of each
+    run to train."""
     outcomes = {}
     pending = []
     for spec in specs:
@@ -291,7 +312,13 @@ def run_sweep(study, output_dir, jobs=1, threads_per_job=0):
     # larger than the training set, each with its own traceback, so the
     # sweep checks the data before it starts.
     study_lib.check_batch_sizes(pending)
-    os.makedirs(output_dir, exist_ok=True)
+    return outcomes, pending
+
+
+def _train_locked(study, output_dir, specs, outcomes, pending, jobs,
+                  threads_per_job):
+    """Record the sweep in sweep.json, train `pending` and return the
+    outcomes of all `specs`; `run_sweep` holds the folder's lock."""
     record_path = os.path.join(output_dir, "sweep.json")
     record = _sweep_record(study, specs)
     # A sweep with nothing to train keeps the record of the last one that
@@ -698,6 +725,9 @@ def _list_runs(study, output_dir):
         )
     for spec in specs:
         summary = finished_summary(spec)
+        if summary is None:
+            # The sweep would stop on this folder, so the dry run does too.
+            check_run_folder(spec.config.output_dir)
         state = summary["status"] if summary else "to train"
         print(f"{spec.name}\t{state}")
     print(f"{len(specs)} runs in {output_dir}")

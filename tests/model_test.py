@@ -702,6 +702,21 @@ def test_fisher_model_rejects_bad_arguments(kwargs, pattern):
         FisherModel(linear_network((3,)), **kwargs)
 
 
+def test_fisher_model_takes_numpy_integers():
+    """NumPy integers, as a grid built with NumPy gives them, are stored as
+    Python ints, which the model's config saves as JSON."""
+    model = FisherModel(
+        linear_network((3,)), fisher_interval=np.int64(10),
+        block_overlap=np.int32(1),
+    )
+    assert type(model.fisher_interval) is int
+    assert model.fisher_interval == 10
+    assert type(model.block_overlap) is int
+    assert model.block_overlap == 1
+    with pytest.raises(ValueError, match="fisher_interval=np.int64"):
+        FisherModel(linear_network((3,)), fisher_interval=np.int64(0))
+
+
 def test_fisher_model_rejects_summed_loss():
     model = FisherModel(linear_network((3,)))
     loss = keras.losses.SparseCategoricalCrossentropy(

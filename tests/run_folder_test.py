@@ -114,6 +114,46 @@ def test_bad_seed_rejected_before_writing(tmp_path, digits):
     run.check_options(run.RunConfig(seed=2**32 - 1))
 
 
+def test_failed_json_write_keeps_old_file(tmp_path):
+    """A write that fails midway keeps the earlier file whole and leaves
+    no temporary file behind."""
+    path = tmp_path / "summary.json"
+    run.write_json_atomically(str(path), {"status": "completed"})
+    with pytest.raises(TypeError, match="Cannot write object"):
+        run.write_json_atomically(str(path), {"status": object()})
+    with open(path) as file:
+        assert json.load(file) == {"status": "completed"}
+    assert sorted(os.listdir(tmp_path)) == ["summary.json"]
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--max_batch_size=64", "--max_batch_size only applies with --adaptive"),
+        ("--beacon_dirs=/nonexistent", "--beacon_dirs only applies"),
+    ],
+)
+def test_adaptive_flags_need_adaptive(tmp_path, capsys, flag, message):
+    """A flag that only an --adaptive policy reads is an error without
+    --adaptive, where it would be silently ignored."""
+    assert run_cli(f"--output_dir={tmp_path / 'run'}", flag) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["5,1", "0,2", "-1,2"])
+def test_target_range_names_flag(tmp_path, capsys, value):
+    arguments = (
+        f"--output_dir={tmp_path / 'run'}", "--adaptive=measure",
+        f"--target_condition_number={value}",
+        "--target_fisher_energy=1,2",
+    )
+    assert run_cli(*arguments) == 2
+    error = capsys.readouterr().err
+    assert f"Invalid --target_condition_number={value}" in error
+    assert "0 < low < high" in error
+
+
 def test_augment_flag_changes_training(tmp_path):
     """--augment=crop trains on random crops of the digits, so its first
     epoch differs from one without augmentation. For mnist5k, auto

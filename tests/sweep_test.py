@@ -4,6 +4,7 @@ resuming, divergence, and one real sweep of two one-epoch MLP runs."""
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import signal
@@ -314,6 +315,36 @@ def test_main_dry_run_lists_runs(tmp_path, capsys):
     assert lines[0] == "mnist5k_mlp_e1/s128_lr0.05_seed0\tto train"
     assert lines[-1] == f"4 runs in {tmp_path}"
     assert not os.path.exists(tmp_path / "sweep.json")
+
+
+def test_main_rejects_folder_in_use(tmp_path, capsys):
+    """While another process holds the output folder's lock, a sweep on
+    that folder exits with status 2 and leaves the run folders alone: it
+    would otherwise delete the unfinished ones that are being written."""
+    folder = tmp_path / "mnist5k_mlp_e1" / "s128_lr0.05_seed0"
+    folder.mkdir(parents=True)
+    (folder / "epochs.csv").write_text("epoch\n0\n")
+    values = parse_flags(f"--output_dir={tmp_path}")
+    with open(tmp_path / run.LOCK_FILE, "a") as lock:
+        # A lock on another open file counts as another process's.
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert sweep.main(["sweep", "smoke"], values) == 2
+    error = capsys.readouterr().err
+    assert f"Another process is training into {tmp_path}" in error
+    assert (folder / "epochs.csv").read_text() == "epoch\n0\n"
+    assert not (tmp_path / "sweep.json").exists()
+
+
+def test_dry_run_rejects_foreign_file(tmp_path, capsys):
+    """The dry run stops on a run folder with a file that a run does not
+    write, as the sweep would, and keeps the file."""
+    folder = tmp_path / "mnist5k_mlp_e1" / "s128_lr0.05_seed0"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    values = parse_flags("--dry_run", f"--output_dir={tmp_path}")
+    assert sweep.main(["sweep", "smoke"], values) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "mine"
 
 
 def test_main_rejects_output_file(tmp_path, capsys):

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import pathlib
+import resource
+import signal
 import subprocess
 import sys
 
@@ -446,3 +448,36 @@ def test_help_exits_with_status_zero(module, flag, listed):
     )
     assert result.returncode == 0, result.stderr
     assert listed in result.stdout
+
+
+def _limit_file_size():
+    """Make writes past 3,000 bytes of one file fail with EFBIG, as a full
+    disk makes them fail, instead of stopping the process."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+
+
+def test_failed_write_names_folder(tmp_path):
+    """A run whose files cannot grow exits with status 1 and one message
+    that names the folder and the fix, and keeps the rows written before."""
+    folder = tmp_path / "run"
+    environment = dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONDONTWRITEBYTECODE="1"
+    )
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "tf_fisher.train", f"--output_dir={folder}",
+            "--epochs=2", "--batch_size=500",
+        ],
+        check=False, cwd=REPOSITORY, env=environment, capture_output=True,
+        text=True, timeout=TIMEOUT_SECONDS, preexec_fn=_limit_file_size,
+    )
+    assert completed.returncode == 1, completed.stderr
+    assert (
+        f"Error: the run could not write its records in {folder}"
+        in completed.stderr
+    )
+    assert "rerun with --overwrite" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert read_csv(folder / "samples.csv")
+    assert not os.path.exists(folder / "summary.json")

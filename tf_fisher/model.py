@@ -500,9 +500,13 @@ def _is_real(value):
 
 
 def _check_int(name, value, minimum):
-    """Raise ValueError unless `value` is an int, not a bool, of at least
-    `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """Raise ValueError unless `value` is an integer, NumPy's included but
+    not a bool, of at least `minimum`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+    ):
         expected = "a positive integer" if minimum == 1 else (
             f"an integer >= {minimum}"
         )

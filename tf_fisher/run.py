@@ -14,7 +14,9 @@ A run folder holds:
   or "diverged".
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -130,15 +132,50 @@ def write_json_atomically(path, content):
     measures of a diverged run) are written as null, to keep the file
     standard JSON."""
     temporary = f"{path}.tmp"
-    with open(temporary, "w") as file:
-        json.dump(
-            _finite_or_none(content), file, indent=2, sort_keys=True,
-            default=_to_json, allow_nan=False,
-        )
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as file:
+            json.dump(
+                _finite_or_none(content), file, indent=2, sort_keys=True,
+                default=_to_json, allow_nan=False,
+            )
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        # A full disk or an interrupt leaves no partial temporary file.
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+# The file in an output folder that a running sweep or study keeps locked.
+LOCK_FILE = "folder.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(output_dir):
+    """Hold the lock of `output_dir`, which must exist, while the block runs.
+
+    Two sweeps that write into the same folder would delete and rewrite
+    each other's run folders. The lock is an `fcntl.flock` on `LOCK_FILE`,
+    which the system releases when the process ends, however it ends.
+
+    Raises:
+        ValueError: naming the folder, if another process holds its lock.
+    """
+    path = os.path.join(output_dir, LOCK_FILE)
+    with open(path, "a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"Another process is training into {output_dir} (it holds "
+                f"{path}). Wait for it to end, or stop it and run this "
+                "command again to go on where it stopped; use another "
+                "--output_dir to train both at once."
+            ) from None
+        yield
 
 
 def _finite_or_none(value):

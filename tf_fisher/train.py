@@ -23,6 +23,7 @@ import os
 import sys
 import time
 
+import tensorflow as tf
 from absl import app
 from absl import flags
 
@@ -388,12 +389,38 @@ def _float_pair(name, values):
         pair = tuple(float(value) for value in values)
     except ValueError:
         pair = ()
-    if len(pair) != 2 or not all(math.isfinite(value) for value in pair):
+    if (
+        len(pair) != 2
+        or not all(math.isfinite(value) for value in pair)
+        or not 0 < pair[0] < pair[1]
+    ):
         raise ValueError(
             f"Invalid --{name}={','.join(values)}: expected two finite "
-            "numbers low,high, such as 1000,30000."
+            "numbers low,high with 0 < low < high, such as 1000,30000."
         )
     return pair
+
+
+# Flags that only an --adaptive policy reads.
+ADAPTIVE_FLAGS = (
+    "min_batch_size", "max_batch_size", "min_epochs_per_size",
+    "norm_test_theta", "noise_scale_multiplier", "noise_scale_smoothing",
+    "beacon_dirs", "target_condition_number", "target_fisher_energy",
+    "target_tolerance",
+)
+
+
+def _check_no_adaptive_flags():
+    """Raise ValueError if a flag of `ADAPTIVE_FLAGS` is given without
+    --adaptive, where it would be silently ignored."""
+    given = [f"--{name}" for name in ADAPTIVE_FLAGS if FLAGS[name].present]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(
+            f"{', '.join(given)} only {verb} with --adaptive. Pass "
+            f"--adaptive={'|'.join(batch_size_policies.POLICY_NAMES)}, or "
+            "leave them out."
+        )
 
 
 def main(argv):
@@ -403,7 +430,9 @@ def main(argv):
     try:
         config = config_from_flags()
         policy = None
-        if FLAGS.adaptive is not None:
+        if FLAGS.adaptive is None:
+            _check_no_adaptive_flags()
+        else:
             policy = policy_from_flags()
             config = dataclasses.replace(
                 config, schedule=f"adaptive-{policy.name}"
@@ -439,6 +468,25 @@ def main(argv):
         # One plain line for the user; absl's log prefix would hide it.
         print(f"Error: {error}", file=sys.stderr)
         return 2
+    except (OSError, tf.errors.OpError) as error:
+        # A folder that cannot be created, or a disk that fills up while
+        # the run writes its records. TensorFlow's event writers report the
+        # latter as an OpError that names the file.
+        if isinstance(error, tf.errors.OpError) and (
+            not started or config.output_dir not in str(error)
+        ):
+            raise
+        if not started:
+            print(f"Error: {error}", file=sys.stderr)
+            return 2
+        print(
+            f"Error: the run could not write its records in "
+            f"{config.output_dir}: {error}. The rows written before are "
+            "kept. Free space, or choose another --output_dir, and rerun "
+            "with --overwrite.",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         if not started:
             print("Interrupted before training started.", file=sys.stderr)
