@@ -335,18 +335,25 @@ def _train_locked(study, output_dir, specs, outcomes, pending, jobs,
     )
     if pending:
         threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
-        for outcome in _train_pending(pending, jobs, threads):
-            outcomes[outcome.name] = outcome
-        record["last_sweep"] = {
-            "trained": len(pending),
-            "failed": sum(
-                outcomes[spec.name].status == "failed" for spec in pending
-            ),
-            "jobs": jobs,
-            "threads_per_job": threads,
-            "wall_seconds": time.time() - start,
-        }
-        run.write_json_atomically(record_path, record)
+        trained = []
+        try:
+            for outcome in _train_pending(pending, jobs, threads):
+                outcomes[outcome.name] = outcome
+                trained.append(outcome)
+        finally:
+            # Written also when Ctrl-C or SIGTERM stops the sweep, so that
+            # the report tells what this sweep trained before it stopped.
+            record["last_sweep"] = {
+                "trained": len(trained),
+                "failed": sum(
+                    outcome.status == "failed" for outcome in trained
+                ),
+                "jobs": jobs,
+                "threads_per_job": threads,
+                "wall_seconds": time.time() - start,
+                "interrupted": len(trained) < len(pending),
+            }
+            run.write_json_atomically(record_path, record)
     return [outcomes[spec.name] for spec in specs]
 
 

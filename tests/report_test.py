@@ -592,6 +592,28 @@ def test_write_report_singular_counts(tmp_path):
     assert report._plural(0, "epoch") == "0 epochs"
 
 
+@pytest.mark.parametrize(
+    "interrupted, ending", [(False, "(0 failed)."), (True, "interrupted.")]
+)
+def test_report_names_last_sweep(tmp_path, interrupted, ending):
+    root = str(tmp_path / "sweep")
+    write_run(root, "s32", (32,), 0.1, 0, (0.1, 0.2), 10.0, 1.0)
+    last_sweep = {
+        "trained": 1, "failed": 0, "jobs": 2, "threads_per_job": 1,
+        "wall_seconds": 12.0, "interrupted": interrupted,
+    }
+    run.write_json_atomically(
+        os.path.join(root, "sweep.json"), {"last_sweep": last_sweep}
+    )
+    with open(report.write_report(root)) as file:
+        text = file.read()
+    line = next(
+        line for line in text.splitlines() if line.startswith("Last sweep")
+    )
+    assert line.startswith("Last sweep: 1 run trained in 12 s wall time")
+    assert line.endswith(ending)
+
+
 def test_report_bad_flag_exits_2_without_tensorflow():
     """An unknown flag prints one error and exits with status 2, as the
     other programs do, and the report still imports no TensorFlow."""

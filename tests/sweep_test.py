@@ -700,6 +700,10 @@ def test_sigterm_stops_sweep_workers(tmp_path):
     assert sweep_process.returncode == 143, error
     assert "run the same command again" in error
     assert run.read_summary(str(folder)) is None
+    # The record tells that this sweep stopped before it trained its run.
+    last_sweep = read_json(tmp_path / "out" / "sweep.json")["last_sweep"]
+    assert last_sweep["trained"] == 0
+    assert last_sweep["interrupted"]
 
 
 def test_main_rejects_bad_config(capsys):
@@ -760,6 +764,7 @@ def test_real_sweep_resumes_and_records_divergence(tmp_path, monkeypatch):
     assert record["runs"] == [good, bad, failed]
     assert record["last_sweep"]["trained"] == 3
     assert record["last_sweep"]["failed"] == 1
+    assert not record["last_sweep"]["interrupted"]
 
     # Both runs are finished: nothing trains, and nothing is rewritten.
     summary_path = os.path.join(output_dir, good, "summary.json")

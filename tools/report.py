@@ -209,7 +209,8 @@ def _header(writer, root, runs):
         writer.text(
             f"Last sweep: {_plural(last['trained'], 'run')} trained in "
             f"{last['wall_seconds']:.0f} s wall time with "
-            f"{_plural(last['jobs'], 'job')} ({last['failed']} failed)."
+            f"{_plural(last['jobs'], 'job')} ({last['failed']} failed)"
+            + (", then it was interrupted." if last.get("interrupted") else ".")
         )
     unfinished = runs_lib.unfinished_runs(root)
     writer.text(
