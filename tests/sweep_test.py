@@ -700,7 +700,7 @@ def test_sigterm_stops_sweep_workers(tmp_path):
     assert sweep_process.returncode == 143, error
     assert "run the same command again" in error
     assert run.read_summary(str(folder)) is None
-    # The record tells that this sweep stopped before it trained its run.
+    # The record shows that this sweep stopped before it trained its run.
     last_sweep = read_json(tmp_path / "out" / "sweep.json")["last_sweep"]
     assert last_sweep["trained"] == 0
     assert last_sweep["interrupted"]
