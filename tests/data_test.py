@@ -627,8 +627,8 @@ def test_tfds_missing_dataset_raises(tmp_path, no_network, name, tfds_name):
     assert isinstance(error.value, FileNotFoundError)
     assert repr(tfds_name) in message
     assert data_dir in message
-    assert f"tfds build {tfds_name} --data_dir={data_dir}" in message
-    assert f"--datasets={tfds_name}" in message
+    assert f"tfds.builder('{tfds_name}', data_dir='{data_dir}')" in message
+    assert ".download_and_prepare()" in message
     assert error.value.name == tfds_name
     assert error.value.data_dir == data_dir
     assert no_network == []
@@ -640,7 +640,7 @@ def test_check_prepared(tmp_path, no_network):
     assert data.check_prepared("mnist5k") is None
     with pytest.raises(data.DatasetNotFoundError) as error:
         data.check_prepared("cifar10", data_dir=str(tmp_path))
-    assert f"tfds build cifar10 --data_dir={tmp_path}" in str(error.value)
+    assert f"tfds.builder('cifar10', data_dir='{tmp_path}')" in str(error.value)
     builder = tfds.builder("cifar10", data_dir=str(tmp_path))
     os.makedirs(builder.data_dir)
     with pytest.raises(data.DatasetNotFoundError, match="incomplete"):
@@ -661,7 +661,7 @@ def test_tfds_incomplete_folder_raises(tmp_path, no_network):
     message = str(error.value)
     assert "incomplete" in message
     assert builder.data_dir in message
-    assert f"tfds build cifar10 --data_dir={tmp_path}" in message
+    assert f"tfds.builder('cifar10', data_dir='{tmp_path}')" in message
     assert no_network == []
 
 
@@ -693,7 +693,7 @@ def test_num_train_examples_reads_tfds_metadata(tmp_path, no_network):
 
 
 def _write_prepared_cifar10(data_dir, sizes):
-    """Writes a cifar10 folder as `tfds build` leaves it: the metadata and
+    """Writes a cifar10 folder as `download_and_prepare` leaves it: the metadata and
     one TFRecord shard per split of random images. Returns the builder and
     {split: (images uint8 [n, 32, 32, 3], labels [n])}."""
     builder = tfds.builder("cifar10", data_dir=str(data_dir))
@@ -781,7 +781,7 @@ def test_tfds_missing_shard_raises(tmp_path, no_network, split):
     for message in _cifar10_loader_errors(tmp_path):
         assert "incomplete" in message
         assert missing in message
-        assert f"tfds build cifar10 --data_dir={tmp_path}" in message
+        assert f"tfds.builder('cifar10', data_dir='{tmp_path}')" in message
     assert no_network == []
 
 
@@ -794,7 +794,7 @@ def test_tfds_truncated_shard_raises(tmp_path, no_network):
     message = str(error.value)
     assert "missing, truncated or corrupted" in message
     assert builder.data_dir in message
-    assert f"tfds build cifar10 --data_dir={tmp_path}" in message
+    assert f"tfds.builder('cifar10', data_dir='{tmp_path}')" in message
     assert no_network == []
 
 
@@ -804,7 +804,7 @@ def test_tfds_truncated_metadata_raises(tmp_path, no_network):
     os.truncate(path, os.path.getsize(path) // 2)
     for message in _cifar10_loader_errors(tmp_path):
         assert "dataset_info.json is incomplete or invalid" in message
-        assert f"tfds build cifar10 --data_dir={tmp_path}" in message
+        assert f"tfds.builder('cifar10', data_dir='{tmp_path}')" in message
     assert no_network == []
 
 

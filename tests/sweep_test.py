@@ -399,7 +399,7 @@ def test_main_rejects_missing_dataset(tmp_path, capsys):
     assert sweep.main(["sweep", str(config)], values) == 2
     error = capsys.readouterr().err
     assert "'mnist' was not found" in error
-    assert f"tfds build mnist --data_dir={data_dir}" in error
+    assert f"tfds.builder('mnist', data_dir='{data_dir}')" in error
     assert not os.path.exists(output_dir)
     assert not os.path.exists(data_dir)
 
@@ -424,7 +424,7 @@ def test_dry_run_warns_about_missing_data(tmp_path, capsys):
     assert sweep.main(["sweep", str(config)], values) == 0
     captured = capsys.readouterr()
     assert captured.err.startswith("Warning: ")
-    assert f"tfds build mnist --data_dir={data_dir}" in captured.err
+    assert f"tfds.builder('mnist', data_dir='{data_dir}')" in captured.err
     assert captured.err.endswith(
         "The batch sizes of its runs are not checked.\n"
     )
