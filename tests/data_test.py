@@ -273,13 +273,14 @@ def test_eval_pipeline_rejects_batch_size(batch_size):
 # Augmentation.
 
 
-def _numpy_flip_and_crop(image, flip, row, column, padding):
+def _numpy_flip_and_crop(image, flip, row, column, padding, pad_value=0.0):
     """Reference flip-and-crop of one [h, w, c] image in plain numpy."""
     height, width = image.shape[:2]
     if flip:
         image = image[:, ::-1, :]
-    padded = np.zeros(
-        (height + 2 * padding, width + 2 * padding, image.shape[2])
+    padded = np.full(
+        (height + 2 * padding, width + 2 * padding, image.shape[2]),
+        pad_value,
     )
     padded[padding : padding + height, padding : padding + width] = image
     return padded[row : row + height, column : column + width]
@@ -389,6 +390,48 @@ def test_augment_batch_without_flips_crops_only():
                     ),
                 )
         assert 0 < mirrored < images.shape[0], seed
+
+
+def test_augment_batch_pads_with_pad_value():
+    """Each output is a crop of the image padded with `pad_value`, and the
+    padding shows in some of them."""
+    images = _made_up_images(batch=6)
+    padding, pad_value = 2, -3.5
+    shown = 0
+    for seed in range(10):
+        output = data.augment_batch(
+            images, tf.constant([seed, 1], tf.int64), padding,
+            pad_value=pad_value,
+        ).numpy()
+        for i in range(images.shape[0]):
+            candidates = [
+                _numpy_flip_and_crop(
+                    images[i], flip, row, column, padding, pad_value
+                )
+                for flip in (False, True)
+                for row in range(2 * padding + 1)
+                for column in range(2 * padding + 1)
+            ]
+            assert any(
+                np.array_equal(output[i], candidate)
+                for candidate in candidates
+            ), (seed, i)
+        shown += np.count_nonzero(output == pad_value)
+    assert shown > 0
+    assert not np.any(output == 0.0)
+
+
+def test_mnist_crops_pad_with_background(mnist5k):
+    """MNIST crops are padded with the normalised background, the value of
+    the corner pixels, so they show no frame of another value."""
+    background = mnist5k.train_images[0, 0, 0, 0]
+    assert mnist5k.pad_value == pytest.approx(float(background), rel=1e-6)
+    assert np.all(mnist5k.train_images >= background)
+    splits = data.with_augmentation(mnist5k, "crop")
+    images, _ = next(iter(data.train_pipeline(splits, 64, seed=0)))
+    images = images.numpy()
+    assert images.min() == pytest.approx(float(background), rel=1e-6)
+    assert not np.any(images == 0.0)
 
 
 @pytest.mark.parametrize(

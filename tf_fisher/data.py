@@ -107,6 +107,10 @@ class DatasetSplits:
         num_classes: number of classes.
         augment: whether train_pipeline applies random crops.
         flip: whether those crops come with random horizontal flips.
+        pad_value: value of the padding around an image before a crop.
+            0 is the normalised channel mean, as He et al. pad CIFAR; the
+            MNIST datasets use their normalised background, so that crops
+            show no bright frame.
     """
 
     name: str
@@ -117,6 +121,7 @@ class DatasetSplits:
     num_classes: int
     augment: bool
     flip: bool = True
+    pad_value: float = 0.0
 
     def __post_init__(self):
         _check_images_labels(self.train_images, self.train_labels, "train")
@@ -221,6 +226,8 @@ def _normalise_splits(name, train, test, num_classes) -> DatasetSplits:
         train_images = _pad_mnist(train_images)
         test_images = _pad_mnist(test_images)
     mean, std = _channel_mean_std(train_images)
+    # A zero pixel of an MNIST image is background, and padding shows it.
+    pad_value = float(-mean[0] / std[0]) if name in _MNIST_TYPE else 0.0
     return DatasetSplits(
         name=name,
         train_images=_normalise(train_images, mean, std),
@@ -229,6 +236,7 @@ def _normalise_splits(name, train, test, num_classes) -> DatasetSplits:
         test_labels=test_labels.astype(np.int32),
         num_classes=int(num_classes),
         augment=name in _AUGMENTED,
+        pad_value=pad_value,
     )
 
 
@@ -609,7 +617,8 @@ def train_pipeline(
         batch_images, batch_labels = gather(batch_indices)
         stateless_seed = tf.stack([batch_seed, tf.constant(0, tf.int64)])
         augmented = augment_batch(
-            batch_images, stateless_seed, flip=splits.flip
+            batch_images, stateless_seed, flip=splits.flip,
+            pad_value=splits.pad_value,
         )
         return augmented, batch_labels
 
@@ -657,21 +666,23 @@ def augment_batch(
     seed: tf.Tensor,
     padding: int = CROP_PADDING,
     flip: bool = True,
+    pad_value: float = 0.0,
 ) -> tf.Tensor:
     """Randomly flips and crops each image of a batch.
 
-    Each image is flipped horizontally with probability 0.5, zero-padded by
-    padding pixels on every side and cropped back to its size at a uniformly
-    drawn offset in [0, 2 * padding] on each axis (He et al., "Deep Residual
+    Each image is flipped horizontally with probability 0.5, padded with
+    `padding` pixels of `pad_value` on every side and cropped back to its
+    size at a uniformly drawn offset in [0, 2 * padding] on each axis (He et al., "Deep Residual
     Learning for Image Recognition", 2016). The draws are stateless, so the
     same images and seed give the same output.
 
     Args:
         images: [b, h, w, c] float32 images.
         seed: [2] int32 or int64 stateless random seed.
-        padding: pixels of zero padding before the crop.
+        padding: pixels of padding before the crop.
         flip: False crops without flipping, at the same offsets as with
             flips for the same seed.
+        pad_value: value of the padding pixels.
 
     Returns:
         [b, h, w, c] augmented images.
@@ -684,7 +695,7 @@ def augment_batch(
     offsets = tf.random.stateless_uniform(
         [batch, 2], crop_seed, minval=0, maxval=2 * padding + 1, dtype=tf.int32
     )
-    return flip_and_crop_batch(images, flips, offsets, padding)
+    return flip_and_crop_batch(images, flips, offsets, padding, pad_value)
 
 
 def flip_and_crop_batch(
@@ -692,15 +703,17 @@ def flip_and_crop_batch(
     flip: tf.Tensor,
     offsets: tf.Tensor,
     padding: int = CROP_PADDING,
+    pad_value: float = 0.0,
 ) -> tf.Tensor:
-    """Flips chosen images, zero-pads all of them and crops at given offsets.
+    """Flips chosen images, pads all of them and crops at given offsets.
 
     Args:
         images: [b, h, w, c] images.
         flip: [b] bool, true where the image is flipped left to right.
         offsets: [b, 2] int32 (row, column) of each crop's top-left corner in
             the padded image, each in [0, 2 * padding].
-        padding: pixels of zero padding on every side.
+        padding: pixels of padding on every side.
+        pad_value: value of the padding pixels.
 
     Returns:
         [b, h, w, c] images with
@@ -710,7 +723,8 @@ def flip_and_crop_batch(
     flipped = tf.reverse(images, axis=[2])
     images = tf.where(flip[:, None, None, None], flipped, images)
     padded = tf.pad(
-        images, [[0, 0], [padding, padding], [padding, padding], [0, 0]]
+        images, [[0, 0], [padding, padding], [padding, padding], [0, 0]],
+        constant_values=tf.cast(pad_value, images.dtype),
     )
     rows = offsets[:, 0:1] + tf.range(height)[None, :]
     columns = offsets[:, 1:2] + tf.range(width)[None, :]

@@ -104,7 +104,7 @@ flags.DEFINE_float(
 flags.DEFINE_enum(
     "augment", "auto", list(data.AUGMENTATIONS),
     "Training augmentation: auto (flips and crops for CIFAR, none for the "
-    "other datasets), none, crop (random crops after 4-pixel zero padding) "
+    "other datasets), none, crop (random crops after 4-pixel padding) "
     "or flip_crop (crops and horizontal flips, He et al. 2016).",
 )
 flags.DEFINE_enum(
