@@ -693,6 +693,16 @@ def main(argv):
     except ValueError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if not run.is_write_failure(error, FLAGS.output_dir):
+            raise
+        print(
+            f"Error: the study could not write its records in "
+            f"{FLAGS.output_dir}: {error}. The finished runs are kept. Free "
+            "space, then run the same command again.",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "Interrupted. The finished runs are kept; run the same command "

@@ -13,6 +13,7 @@ import pytest
 from absl.testing import flagsaver
 from tensorboard.plugins.hparams import api_pb2
 
+from tests import train_test
 from tf_fisher import FisherCallback
 from tf_fisher import FisherModel
 from tf_fisher import adaptive
@@ -671,6 +672,30 @@ def run_study(*arguments):
         check=False, capture_output=True, text=True, timeout=300,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
+
+
+def test_study_failed_write_names_folder(tmp_path):
+    """A study whose files cannot grow, as on a full disk, exits with
+    status 1 and one message that names the folder, not a traceback."""
+    output_dir = tmp_path / "study"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "experiments.adaptive_study",
+            f"--output_dir={output_dir}", "--epochs=5", "--seeds=0",
+            "--fixed_sizes=64,256", "--schedules=s64-to-256",
+            "--policies=norm_test",
+        ],
+        check=False, capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
+        preexec_fn=train_test.limit_file_size,
+    )
+    assert result.returncode == 1, result.stderr
+    assert (
+        f"Error: the study could not write its records in {output_dir}"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_study_rejects_empty_size_list(tmp_path):

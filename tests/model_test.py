@@ -105,6 +105,35 @@ def test_probe_steps_restart_each_epoch(small_digits, interval):
     assert recorder.running.num_iterations == 18
 
 
+def test_probe_steps_restart_with_callback_list(small_digits):
+    """Keras' fit takes a CallbackList as well as a list, and the probes
+    still restart each epoch, also when two fit calls share it."""
+    images, labels = small_digits
+    model = compiled(linear_network(images.shape[1:]), fisher_interval=4)
+    recorder = callbacks.FisherCallback()
+    # Keras' fit returns the History of the list, so the list needs one.
+    callback_list = keras.callbacks.CallbackList(
+        [recorder], add_history=True, model=model
+    )
+    model.fit(
+        unshuffled(images, labels, 4), epochs=2, callbacks=callback_list,
+        verbose=0,
+    )
+    model.fit(
+        unshuffled(images, labels, 4), epochs=3, initial_epoch=2,
+        callbacks=callback_list, verbose=0,
+    )
+    # Six steps per epoch, probed at steps 1 and 5 of each.
+    assert [row["step"] for row in recorder.samples] == [
+        6 * epoch + step for epoch in range(3) for step in (1, 5)
+    ]
+    resets = [
+        callback for callback in callback_list.callbacks
+        if type(callback).__name__ == "_ResetProbeSchedule"
+    ]
+    assert len(resets) == 1
+
+
 def test_probe_measures_batch_before_update(digits):
     images = digits.train_images[:16]
     labels = digits.train_labels[:16]

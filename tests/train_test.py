@@ -450,7 +450,7 @@ def test_help_exits_with_status_zero(module, flag, listed):
     assert listed in result.stdout
 
 
-def _limit_file_size():
+def limit_file_size():
     """Make writes past 3,000 bytes of one file fail with EFBIG, as a full
     disk makes them fail, instead of stopping the process."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -470,7 +470,7 @@ def test_failed_write_names_folder(tmp_path):
             "--epochs=2", "--batch_size=500",
         ],
         check=False, cwd=REPOSITORY, env=environment, capture_output=True,
-        text=True, timeout=TIMEOUT_SECONDS, preexec_fn=_limit_file_size,
+        text=True, timeout=TIMEOUT_SECONDS, preexec_fn=limit_file_size,
     )
     assert completed.returncode == 1, completed.stderr
     assert (

@@ -217,8 +217,19 @@ class FisherModel(keras.Model):
         super().compile(*args, **kwargs)
 
     def fit(self, *args, callbacks=None, **kwargs):
-        callbacks = list(callbacks or [])
-        callbacks.insert(0, _ResetProbeSchedule(self._probe))
+        reset = _ResetProbeSchedule(self._probe)
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            # Keras runs a CallbackList as given, so the reset joins it,
+            # once however many fit calls reuse it.
+            if not any(
+                isinstance(callback, _ResetProbeSchedule)
+                and callback._state is self._probe
+                for callback in callbacks.callbacks
+            ):
+                reset.set_model(self)
+                callbacks.callbacks.insert(0, reset)
+        else:
+            callbacks = [reset, *(callbacks or [])]
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def make_train_function(self, force=False):

@@ -149,6 +149,17 @@ def write_json_atomically(path, content):
         raise
 
 
+def is_write_failure(error, output_dir):
+    """Return True if `error` is a failed write, such as a full disk: an
+    OSError, or a TensorFlow error that names a file under `output_dir`,
+    as TensorFlow's event writers raise."""
+    if isinstance(error, OSError):
+        return True
+    return isinstance(error, tf.errors.OpError) and (
+        os.path.normpath(output_dir) in str(error)
+    )
+
+
 # The file in an output folder that a running sweep or study keeps locked.
 LOCK_FILE = "folder.lock"
 

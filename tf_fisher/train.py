@@ -470,10 +470,9 @@ def main(argv):
         return 2
     except (OSError, tf.errors.OpError) as error:
         # A folder that cannot be created, or a disk that fills up while
-        # the run writes its records. TensorFlow's event writers report the
-        # latter as an OpError that names the file.
+        # the run writes its records.
         if isinstance(error, tf.errors.OpError) and (
-            not started or config.output_dir not in str(error)
+            not started or not run.is_write_failure(error, config.output_dir)
         ):
             raise
         if not started:
