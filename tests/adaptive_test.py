@@ -465,6 +465,56 @@ def test_fit_adaptive_rebuilds_pipeline(tmp_path):
     assert float(rows[1]["norm_test_ratio"]) > 0.05**2
 
 
+class _RecordingNormTest(policies.NormTestPolicy):
+    """The norm-test policy, also recording the example count it is given."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.num_examples = []
+
+    def decide(self, epoch, batch_size, logs, samples=()):
+        self.num_examples.append(logs["num_examples"])
+        return super().decide(epoch, batch_size, logs, samples)
+
+
+def test_fit_adaptive_on_dataset_of_unknown_length():
+    """A generator dataset has no known length, so Keras gives no step
+    count. The callback counts the steps of each epoch itself and gives the
+    policy their number times the batch size: 32 examples in batches of
+    4 are 8 steps, then in batches of 16, 2 steps."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 5)).astype(np.float32)
+    y = rng.integers(0, 3, size=32).astype(np.int32)
+    model = tiny_fisher_model()
+    fisher = FisherCallback()
+    policy = _RecordingNormTest(
+        theta=0.05, min_batch_size=4, max_batch_size=16,
+        min_epochs_per_size=1,
+    )
+    callback = adaptive.AdaptiveBatchSize(policy, 4, 3, fisher=fisher)
+
+    def make_dataset(batch_size, first_epoch):
+        def batches():
+            for start in range(0, 32, batch_size):
+                yield x[start:start + batch_size], y[start:start + batch_size]
+
+        return tf.data.Dataset.from_generator(
+            batches,
+            output_signature=(
+                tf.TensorSpec([None, 5], tf.float32),
+                tf.TensorSpec([None], tf.int32),
+            ),
+        )
+
+    adaptive.fit_adaptive(
+        model, make_dataset, callback, 3, [fisher], verbose=0
+    )
+    assert [d.new_batch_size for d in callback.decisions] == [16, 16]
+    assert policy.num_examples == [32, 32]
+
+
 def test_callback_requires_fisher_for_measure_policy():
     policy = policies.MeasureGuidedPolicy(flat_target(3))
     with pytest.raises(ValueError, match="FisherCallback"):

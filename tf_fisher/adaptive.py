@@ -89,6 +89,7 @@ class AdaptiveBatchSize(keras.callbacks.Callback):
         self.fisher = fisher
         self.learning_rate_fn = learning_rate_fn
         self.num_examples = num_examples
+        self._epoch_steps = 0
         self.on_decision = on_decision
         self.requested_batch_size = None
         self.decisions = []
@@ -98,6 +99,12 @@ class AdaptiveBatchSize(keras.callbacks.Callback):
                 os.path.join(output_dir, "decisions.csv"),
                 batch_size_policies.DECISION_COLUMNS + policy.value_keys,
             )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._epoch_steps += 1
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 >= self.num_epochs or self.model.stop_training:
@@ -124,7 +131,12 @@ class AdaptiveBatchSize(keras.callbacks.Callback):
             context["next_learning_rate"] = self.learning_rate_fn(epoch + 1)
         context["num_examples"] = self.num_examples
         if self.num_examples is None:
-            context["num_examples"] = self.params["steps"] * self.batch_size
+            # A dataset of unknown length gives Keras no step count, so the
+            # callback counts the steps. The optimizer's step counter is no
+            # use there: with Keras 3.15 it rose by 9 over 8 batches of a
+            # generator dataset.
+            steps = self.params.get("steps") or self._epoch_steps
+            context["num_examples"] = steps * self.batch_size
         context["fisher_interval"] = getattr(
             self.model, "fisher_interval", None
         )
