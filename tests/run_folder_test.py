@@ -141,6 +141,34 @@ def test_adaptive_flags_need_adaptive(tmp_path, capsys, flag, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ("--adaptive=norm_test", "--noise_scale_multiplier=4"),
+            (
+                "--noise_scale_multiplier only applies with "
+                "--adaptive=noise_scale. Received: --adaptive=norm_test."
+            ),
+        ),
+        (
+            ("--adaptive=noise_scale", "--beacon_dirs=/nonexistent",
+             "--target_tolerance=0.2"),
+            (
+                "--beacon_dirs, --target_tolerance only apply with "
+                "--adaptive=measure."
+            ),
+        ),
+    ],
+)
+def test_other_policy_flags_rejected(tmp_path, capsys, arguments, message):
+    """A flag of another --adaptive policy than the chosen one would be
+    silently ignored, so it is an error."""
+    assert run_cli(f"--output_dir={tmp_path / 'run'}", *arguments) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("value", ["5,1", "0,2", "-1,2"])
 def test_target_range_names_flag(tmp_path, capsys, value):
     arguments = (

@@ -360,6 +360,14 @@ def policy_from_flags():
             f"Received: --adaptive={FLAGS.adaptive} --schedule="
             f"{FLAGS.schedule} --batch_sizes={','.join(FLAGS.batch_sizes)}"
         )
+    for policy, names in POLICY_FLAGS.items():
+        given = [f"--{name}" for name in names if FLAGS[name].present]
+        if policy != FLAGS.adaptive and given:
+            raise ValueError(
+                f"{_only_with(given, f'--adaptive={policy}')} Received: "
+                f"--adaptive={FLAGS.adaptive}. Leave them out, or choose "
+                "that policy."
+            )
     return batch_size_policies.make_policy(
         FLAGS.adaptive,
         FLAGS.epochs,
@@ -401,13 +409,27 @@ def _float_pair(name, values):
     return pair
 
 
+# Flags that one --adaptive policy alone reads, by policy.
+POLICY_FLAGS = {
+    "norm_test": ("norm_test_theta",),
+    "noise_scale": ("noise_scale_multiplier", "noise_scale_smoothing"),
+    "measure": (
+        "beacon_dirs", "target_condition_number", "target_fisher_energy",
+        "target_tolerance",
+    ),
+}
+
 # Flags that only an --adaptive policy reads.
 ADAPTIVE_FLAGS = (
     "min_batch_size", "max_batch_size", "min_epochs_per_size",
-    "norm_test_theta", "noise_scale_multiplier", "noise_scale_smoothing",
-    "beacon_dirs", "target_condition_number", "target_fisher_energy",
-    "target_tolerance",
+    *(name for names in POLICY_FLAGS.values() for name in names),
 )
+
+
+def _only_with(given, requirement):
+    """Return "--a, --b only apply with REQUIREMENT." for flag names."""
+    verb = "applies" if len(given) == 1 else "apply"
+    return f"{', '.join(given)} only {verb} with {requirement}."
 
 
 def _check_no_adaptive_flags():
@@ -415,9 +437,8 @@ def _check_no_adaptive_flags():
     --adaptive, where it would be silently ignored."""
     given = [f"--{name}" for name in ADAPTIVE_FLAGS if FLAGS[name].present]
     if given:
-        verb = "applies" if len(given) == 1 else "apply"
         raise ValueError(
-            f"{', '.join(given)} only {verb} with --adaptive. Pass "
+            f"{_only_with(given, '--adaptive')} Pass "
             f"--adaptive={'|'.join(batch_size_policies.POLICY_NAMES)}, or "
             "leave them out."
         )
