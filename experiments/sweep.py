@@ -595,7 +595,10 @@ def train_in_worker(config):
     finally:
         if handler is not None:
             python_logging.getLogger("absl").removeHandler(handler)
-            handler.close()
+            # On a full disk the log cannot be flushed, and that must not
+            # replace the run's outcome.
+            with contextlib.suppress(OSError):
+                handler.close()
         keras.backend.clear_session()
     return {
         "status": summary["status"],
@@ -639,6 +642,7 @@ def main(argv, flag_values=flags.FLAGS):
     if not cli.check_arguments(argv, 1, usage):
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    output_dir = flag_values.output_dir
     try:
         with _terminated_as_interrupt():
             study = _load_study(argv[1], flag_values)
@@ -655,6 +659,15 @@ def main(argv, flag_values=flags.FLAGS):
     except (ValueError, data.DatasetNotFoundError) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(
+            f"Error: the sweep could not write in "
+            f"{output_dir or 'its output folder'}: {error}. "
+            "The finished runs are kept. Free space, then run the same "
+            "command again.",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt as interrupt:
         print(
             "Interrupted. The finished runs are kept; run the same command "
