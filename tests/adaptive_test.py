@@ -13,6 +13,7 @@ import pytest
 from absl.testing import flagsaver
 from tensorboard.plugins.hparams import api_pb2
 
+import tf_fisher
 from tests import train_test
 from tf_fisher import FisherCallback
 from tf_fisher import FisherModel
@@ -493,7 +494,8 @@ def test_fit_adaptive_on_dataset_of_unknown_length():
         theta=0.05, min_batch_size=4, max_batch_size=16,
         min_epochs_per_size=1,
     )
-    callback = adaptive.AdaptiveBatchSize(policy, 4, 3, fisher=fisher)
+    # Through the package's public names, as the README shows them.
+    callback = tf_fisher.AdaptiveBatchSize(policy, 4, 3, fisher=fisher)
 
     def make_dataset(batch_size, first_epoch):
         def batches():
@@ -508,8 +510,8 @@ def test_fit_adaptive_on_dataset_of_unknown_length():
             ),
         )
 
-    adaptive.fit_adaptive(
-        model, make_dataset, callback, 3, [fisher], verbose=0
+    tf_fisher.fit_adaptive(
+        model, make_dataset, callback, 3, callbacks=[fisher], verbose=0
     )
     assert [d.new_batch_size for d in callback.decisions] == [16, 16]
     assert policy.num_examples == [32, 32]

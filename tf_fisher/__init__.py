@@ -2,11 +2,16 @@
 
 The public names are the Gram matrix of per-example gradients
 (`gram_matrix`), a model wrapper whose training step measures it
-(`FisherModel`), and the callback that records the measures
-(`FisherCallback`).
+(`FisherModel`), the callback that records the measures
+(`FisherCallback`), the measures of one Gram matrix
+(`spectrum_statistics`) and their running values over a run
+(`RunningMeasures`), and a callback that changes the batch size between
+epochs (`AdaptiveBatchSize`), with `fit_adaptive`, which rebuilds the
+dataset for each new batch size.
 """
 
 from tf_fisher.adaptive import AdaptiveBatchSize
+from tf_fisher.adaptive import fit_adaptive
 from tf_fisher.callbacks import FisherCallback
 from tf_fisher.gram import gram_matrix
 from tf_fisher.measures import RunningMeasures
@@ -18,6 +23,7 @@ __all__ = [
     "FisherCallback",
     "FisherModel",
     "RunningMeasures",
+    "fit_adaptive",
     "gram_matrix",
     "spectrum_statistics",
 ]
