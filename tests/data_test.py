@@ -444,6 +444,7 @@ def test_with_augmentation_sets_fields(augmentation, augment, flip):
     if augment:
         assert splits.flip == flip
     assert data.with_augmentation(splits, "auto") is splits
+    assert data.augmentation_name(splits) == augmentation
 
 
 def test_with_augmentation_rejects_unknown_value():

@@ -261,7 +261,10 @@ def train_adaptive(config, policy, splits=None):
         config.output_dir,
     )
     model = run.build_fisher_model(config, splits)
-    run.write_hparams(config, _schedule_name(config, policy))
+    run.write_hparams(
+        config, _schedule_name(config, policy),
+        augmentation=data.augmentation_name(splits),
+    )
     summary = _fit_with_policy(model, config, splits, policy)
     # A sweep skips a run whose folder has summary.json, so the status is
     # written first: a run stopped between the two writes is rerun.

@@ -257,6 +257,14 @@ def with_augmentation(splits: DatasetSplits, augmentation: str):
     )
 
 
+def augmentation_name(splits: DatasetSplits) -> str:
+    """Return the augmentation that `splits` get, "none", "crop" or
+    "flip_crop", which "auto" leaves to the dataset."""
+    if not splits.augment:
+        return "none"
+    return "flip_crop" if splits.flip else "crop"
+
+
 def check_augmentation(augmentation) -> None:
     """Raise ValueError unless `augmentation` is one of `AUGMENTATIONS`."""
     if augmentation not in AUGMENTATIONS:

@@ -421,7 +421,7 @@ HPARAMS_METRICS = (
 )
 
 
-def run_hparams(config, schedule=None):
+def run_hparams(config, schedule=None, augmentation=None):
     """Return the hyperparameters of a run, as TensorBoard records them.
 
     Args:
@@ -429,6 +429,9 @@ def run_hparams(config, schedule=None):
         schedule: the batch-size schedule's name. None takes
             `config.schedule`, or when that is empty the stage batch sizes
             as "s32" or "s32-s64".
+        augmentation: the augmentation that "auto" chose (see
+            `tf_fisher.data.augmentation_name`); None takes
+            `config.augment`.
     """
     if schedule is None:
         schedule = config.schedule or "-".join(
@@ -446,11 +449,11 @@ def run_hparams(config, schedule=None):
         "eigenvalue_tolerance": float(config.eigenvalue_tolerance),
         "momentum": float(config.momentum),
         "weight_decay": float(config.weight_decay),
-        "augment": config.augment,
+        "augment": augmentation or config.augment,
     }
 
 
-def write_hparams(config, schedule=None):
+def write_hparams(config, schedule=None, augmentation=None):
     """Record the run's hyperparameters in `tensorboard/` of its folder.
 
     TensorBoard's HParams dashboard then lists every run under its
@@ -459,7 +462,7 @@ def write_hparams(config, schedule=None):
     them against each other. `batch_size` is the first stage's batch size,
     and `schedule` names the sequence of sizes (see `run_hparams`).
     """
-    values = run_hparams(config, schedule)
+    values = run_hparams(config, schedule, augmentation)
     writer = tf.summary.create_file_writer(
         os.path.join(config.output_dir, "tensorboard")
     )
@@ -627,7 +630,7 @@ def train(config, splits=None, model_class=FisherModel):
         len(splits.test_labels), config.epochs, config.output_dir,
     )
     model = build_fisher_model(config, splits, model_class)
-    write_hparams(config)
+    write_hparams(config, augmentation=data.augmentation_name(splits))
     summary = _fit_stages(model, config, splits, stages)
     # A sweep skips a run whose folder has summary.json, so the status is
     # written first: a run stopped between the two writes is rerun.
