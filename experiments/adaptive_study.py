@@ -605,10 +605,30 @@ def settings_from_flags():
     }
 
 
+# Prefix of the temporary run folder of `warm_up`.
+WARM_UP_PREFIX = "warm_up_"
+
+
+def remove_stale_warm_ups(output_dir):
+    """Delete the warm-up folders that a killed study left in `output_dir`.
+
+    The study holds the folder's lock, so no other warm-up is running.
+
+    Raises:
+        ValueError: for a warm-up folder with files that a run does not
+            write (see `clear_unfinished`).
+    """
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if name.startswith(WARM_UP_PREFIX) and os.path.isdir(path):
+            clear_unfinished(path)
+
+
 def warm_up(settings, output_dir, splits):
     """Train one throw-away epoch, so that TensorFlow's one-time start-up
     cost does not land in the wall time of the study's first run."""
-    folder = tempfile.mkdtemp(prefix="warm_up_", dir=output_dir)
+    remove_stale_warm_ups(output_dir)
+    folder = tempfile.mkdtemp(prefix=WARM_UP_PREFIX, dir=output_dir)
     try:
         config = run.RunConfig(
             dataset=DATASET, model=MODEL, epochs=1,

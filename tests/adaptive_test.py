@@ -726,6 +726,27 @@ def run_study(*arguments):
     )
 
 
+def test_stale_warm_up_folders_removed(tmp_path):
+    """A study killed during its warm-up epoch leaves that run's folder;
+    the next study removes it, and keeps a folder with a user's file."""
+    from experiments import adaptive_study as study
+
+    stale = tmp_path / "warm_up_k3x9q2ab"
+    (stale / "tensorboard").mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    run_folder = tmp_path / "s64_lr0.05_seed0"
+    run_folder.mkdir()
+    study.remove_stale_warm_ups(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["s64_lr0.05_seed0"]
+
+    mine = tmp_path / "warm_up_notes"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt"):
+        study.remove_stale_warm_ups(str(tmp_path))
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
 def test_study_failed_write_names_folder(tmp_path):
     """A study whose files cannot grow, as on a full disk, exits with
     status 1 and one message that names the folder, not a traceback."""
