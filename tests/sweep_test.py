@@ -335,6 +335,18 @@ def test_main_rejects_folder_in_use(tmp_path, capsys):
     assert not (tmp_path / "sweep.json").exists()
 
 
+def test_dry_run_warns_about_folder_in_use(tmp_path, capsys):
+    values = parse_flags("--dry_run", f"--output_dir={tmp_path}")
+    assert sweep.main(["sweep", "smoke"], values) == 0
+    assert "Warning" not in capsys.readouterr().err
+    with open(tmp_path / run.LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert sweep.main(["sweep", "smoke"], values) == 0
+    captured = capsys.readouterr()
+    assert f"another process is training into {tmp_path}" in captured.err
+    assert "4 runs in" in captured.out
+
+
 def test_dry_run_rejects_foreign_file(tmp_path, capsys):
     """The dry run stops on a run folder with a file that a run does not
     write, as the sweep would, and keeps the file."""
