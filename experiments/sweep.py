@@ -342,7 +342,7 @@ def _train_locked(study, output_dir, specs, outcomes, pending, jobs,
                 trained.append(outcome)
         finally:
             # Written also when Ctrl-C or SIGTERM stops the sweep, so that
-            # the report tells what this sweep trained before it stopped.
+            # the report shows what this sweep trained before it stopped.
             record["last_sweep"] = {
                 "trained": len(trained),
                 "failed": sum(
