@@ -397,7 +397,7 @@ def test_augment_batch_pads_with_pad_value():
     padding shows in some of them."""
     images = _made_up_images(batch=6)
     padding, pad_value = 2, -3.5
-    shown = 0
+    padding_pixels = 0
     for seed in range(10):
         output = data.augment_batch(
             images, tf.constant([seed, 1], tf.int64), padding,
@@ -416,8 +416,8 @@ def test_augment_batch_pads_with_pad_value():
                 np.array_equal(output[i], candidate)
                 for candidate in candidates
             ), (seed, i)
-        shown += np.count_nonzero(output == pad_value)
-    assert shown > 0
+        padding_pixels += np.count_nonzero(output == pad_value)
+    assert padding_pixels > 0
     assert not np.any(output == 0.0)
 
 

@@ -680,9 +680,9 @@ def augment_batch(
 
     Each image is flipped horizontally with probability 0.5, padded with
     `padding` pixels of `pad_value` on every side and cropped back to its
-    size at a uniformly drawn offset in [0, 2 * padding] on each axis (He et al., "Deep Residual
-    Learning for Image Recognition", 2016). The draws are stateless, so the
-    same images and seed give the same output.
+    size at a uniformly drawn offset in [0, 2 * padding] on each axis
+    (He et al., "Deep Residual Learning for Image Recognition", 2016). The
+    draws are stateless, so the same images and seed give the same output.
 
     Args:
         images: [b, h, w, c] float32 images.

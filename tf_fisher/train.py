@@ -361,10 +361,10 @@ def policy_from_flags():
             f"{FLAGS.schedule} --batch_sizes={','.join(FLAGS.batch_sizes)}"
         )
     for policy, names in POLICY_FLAGS.items():
-        given = [f"--{name}" for name in names if FLAGS[name].present]
-        if policy != FLAGS.adaptive and given:
+        present = [f"--{name}" for name in names if FLAGS[name].present]
+        if policy != FLAGS.adaptive and present:
             raise ValueError(
-                f"{_only_with(given, f'--adaptive={policy}')} Received: "
+                f"{_only_with(present, f'--adaptive={policy}')} Received: "
                 f"--adaptive={FLAGS.adaptive}. Leave them out, or choose "
                 "that policy."
             )
@@ -426,19 +426,19 @@ ADAPTIVE_FLAGS = (
 )
 
 
-def _only_with(given, requirement):
+def _only_with(flag_names, requirement):
     """Return "--a, --b only apply with REQUIREMENT." for flag names."""
-    verb = "applies" if len(given) == 1 else "apply"
-    return f"{', '.join(given)} only {verb} with {requirement}."
+    verb = "applies" if len(flag_names) == 1 else "apply"
+    return f"{', '.join(flag_names)} only {verb} with {requirement}."
 
 
 def _check_no_adaptive_flags():
     """Raise ValueError if a flag of `ADAPTIVE_FLAGS` is given without
     --adaptive, where it would be silently ignored."""
-    given = [f"--{name}" for name in ADAPTIVE_FLAGS if FLAGS[name].present]
-    if given:
+    present = [f"--{name}" for name in ADAPTIVE_FLAGS if FLAGS[name].present]
+    if present:
         raise ValueError(
-            f"{_only_with(given, '--adaptive')} Pass "
+            f"{_only_with(present, '--adaptive')} Pass "
             f"--adaptive={'|'.join(batch_size_policies.POLICY_NAMES)}, or "
             "leave them out."
         )
