@@ -703,6 +703,7 @@ def test_tfds_incomplete_folder_raises(tmp_path, no_network):
     with pytest.raises(data.DatasetNotFoundError) as error:
         data.load_dataset("cifar10", data_dir=str(tmp_path))
     message = str(error.value)
+    assert "cannot be read" in message
     assert "incomplete" in message
     assert builder.data_dir in message
     assert f"tfds.builder('cifar10', data_dir='{tmp_path}')" in message
@@ -823,6 +824,9 @@ def test_tfds_missing_shard_raises(tmp_path, no_network, split):
     missing = _shard_path(builder, split)
     os.remove(missing)
     for message in _cifar10_loader_errors(tmp_path):
+        assert "'cifar10' in data_dir" in message
+        assert "cannot be read" in message
+        assert "was not found" not in message
         assert "incomplete" in message
         assert missing in message
         assert f"tfds.builder('cifar10', data_dir='{tmp_path}')" in message
@@ -836,6 +840,11 @@ def test_tfds_truncated_shard_raises(tmp_path, no_network):
     with pytest.raises(data.DatasetNotFoundError) as error:
         data.load_dataset("cifar10", str(tmp_path))
     message = str(error.value)
+    assert message.startswith(
+        f"TensorFlow Datasets data for 'cifar10' in data_dir '{tmp_path}' "
+        "cannot be read. "
+    )
+    assert error.value.damaged
     assert "missing, truncated or corrupted" in message
     assert builder.data_dir in message
     assert f"tfds.builder('cifar10', data_dir='{tmp_path}')" in message
@@ -847,6 +856,7 @@ def test_tfds_truncated_metadata_raises(tmp_path, no_network):
     path = os.path.join(builder.data_dir, "dataset_info.json")
     os.truncate(path, os.path.getsize(path) // 2)
     for message in _cifar10_loader_errors(tmp_path):
+        assert "cannot be read" in message
         assert "dataset_info.json is incomplete or invalid" in message
         assert f"tfds.builder('cifar10', data_dir='{tmp_path}')" in message
     assert no_network == []
@@ -858,6 +868,7 @@ def test_tfds_other_version_named(tmp_path, no_network):
     os.makedirs(other)
     builder.info.write_to_directory(other)
     for message in _cifar10_loader_errors(tmp_path):
+        assert "'cifar10' was not found in data_dir" in message
         assert "contains version 1.0.0" in message
         assert f"reads version {builder.version}" in message
         assert builder.data_dir in message

@@ -637,6 +637,25 @@ def test_report_bad_flag_exits_2_without_tensorflow():
     ]
 
 
+@pytest.mark.parametrize(
+    "module", ["tools.analysis", "tools.claims", "tools.figures", "tools.runs"]
+)
+def test_library_module_run_as_command_exits_2(module):
+    """Run with -m, a module that only the report uses says so, rather
+    than exit 0 having written nothing."""
+    result = subprocess.run(
+        [sys.executable, "-m", module], check=False,
+        capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(
+        f"Error: {module} is a library module, not a command. "
+        "`python -m tools.report RUNS_DIR` writes"
+    )
+
+
 def test_report_without_folder_exits_2():
     result = subprocess.run(
         [sys.executable, "-m", "tools.report"], check=False,

@@ -63,23 +63,38 @@ _TFDS_READ_BATCH = 4096
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """TensorFlow Datasets data that is not prepared in the data directory.
+    """TensorFlow Datasets data that is not prepared in the data directory,
+    or is there but cannot be read.
 
     Attributes:
         name: TFDS dataset name.
         data_dir: data directory that was searched.
+        damaged: whether the dataset's folder exists but is incomplete or
+            unreadable, rather than missing.
     """
 
-    def __init__(self, name: str, data_dir: str, detail: str = ""):
+    def __init__(self, name: str, data_dir: str, detail: str = "",
+                 damaged: bool = False):
         self.name = name
         self.data_dir = data_dir
-        super().__init__(_not_found_message(name, data_dir, detail))
+        self.damaged = damaged
+        super().__init__(_not_found_message(name, data_dir, detail, damaged))
 
 
-def _not_found_message(name: str, data_dir: str, detail: str) -> str:
+def _not_found_message(name: str, data_dir: str, detail: str,
+                       damaged: bool) -> str:
+    if damaged:
+        lead = (
+            f"TensorFlow Datasets data for {name!r} in data_dir "
+            f"{data_dir!r} cannot be read."
+        )
+    else:
+        lead = (
+            f"TensorFlow Datasets data for {name!r} was not found in "
+            f"data_dir {data_dir!r}."
+        )
     return (
-        f"TensorFlow Datasets data for {name!r} was not found in data_dir "
-        f"{data_dir!r}. {detail}"
+        f"{lead} {detail}"
         f"load_dataset never downloads data. On a machine "
         f"with network access, prepare it with\n"
         f"    python -c \"import tensorflow_datasets as tfds; "
@@ -438,7 +453,8 @@ def _check_shard_files(builder, splits) -> None:
                 f"{split!r} split are missing, for example {missing[0]}. "
             )
             raise DatasetNotFoundError(
-                builder.name, str(builder.data_dir_root), detail
+                builder.name, str(builder.data_dir_root), detail,
+                damaged=True,
             )
 
 
@@ -456,7 +472,9 @@ def _tfds_builder(name: str, data_dir: str | None):
             f"Its metadata file dataset_info.json is incomplete or invalid: "
             f"{error} "
         )
-        raise DatasetNotFoundError(tfds_name, root, detail) from error
+        raise DatasetNotFoundError(
+            tfds_name, root, detail, damaged=True
+        ) from error
     # An interrupted copy or build leaves a version folder that TFDS would
     # otherwise report as a KeyError on the split names.
     if os.path.isdir(builder.data_dir) and not builder.is_prepared():
@@ -465,7 +483,7 @@ def _tfds_builder(name: str, data_dir: str | None):
             f"(dataset_info.json or features.json is missing). "
         )
         raise DatasetNotFoundError(
-            tfds_name, str(builder.data_dir_root), detail
+            tfds_name, str(builder.data_dir_root), detail, damaged=True
         )
     return builder
 
@@ -497,7 +515,7 @@ def _read_tfds(name: str, data_dir: str | None):
             f"{error.message.strip()} "
         )
         raise DatasetNotFoundError(
-            builder.name, data_dir_root, detail
+            builder.name, data_dir_root, detail, damaged=True
         ) from error
     num_classes = builder.info.features["label"].num_classes
     return train, test, num_classes

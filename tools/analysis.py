@@ -627,3 +627,9 @@ def travel_history(epochs, runs, group, learning_rate):
         "mean_condition_number", "cumulative_fisher_energy",
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+if __name__ == "__main__":
+    import tools
+
+    raise SystemExit(tools.refuse_to_run("tools.analysis"))

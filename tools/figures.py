@@ -276,3 +276,9 @@ def _schedule_order(schedule):
     digits = schedule[1:]
     return (0, int(digits), "") if digits.isdigit() else (1, math.inf,
                                                            schedule)
+
+
+if __name__ == "__main__":
+    import tools
+
+    raise SystemExit(tools.refuse_to_run("tools.figures"))

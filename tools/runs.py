@@ -213,3 +213,9 @@ def load_samples(root, runs):
             columns=["run", "sample", "cumulative_learning_rate"]
         )
     return pd.concat(frames, ignore_index=True)
+
+
+if __name__ == "__main__":
+    import tools
+
+    raise SystemExit(tools.refuse_to_run("tools.runs"))
