@@ -679,6 +679,54 @@ def test_callback_accumulates_across_fit_calls(small_digits):
     assert recorder.running.num_iterations == 9
 
 
+@pytest.mark.parametrize("argument", ["output_dir", "tensorboard_dir"])
+def test_callback_rejects_file_as_folder(tmp_path, argument):
+    path = tmp_path / "a_file"
+    path.write_text("kept")
+    with pytest.raises(ValueError) as error:
+        callbacks.FisherCallback(**{argument: str(path)})
+    assert f"{argument}={str(path)!r} is a file" in str(error.value)
+    assert path.read_text() == "kept"
+
+
+def test_callback_unwritable_csv_stops_before_training(small_digits,
+                                                        tmp_path):
+    """A samples.csv that cannot be opened fails `fit` before its first
+    step, rather than at the first probe."""
+    images, labels = small_digits
+    model = compiled(linear_network(images.shape[1:]), fisher_interval=3)
+    (tmp_path / "samples.csv").mkdir()
+    with pytest.raises(IsADirectoryError, match="samples.csv"):
+        model.fit(
+            unshuffled(images, labels, 4), epochs=1, verbose=0,
+            callbacks=[callbacks.FisherCallback(output_dir=str(tmp_path))],
+        )
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_callback_says_why_it_stopped(small_digits, capsys, verbose):
+    """A NaN input makes the first probed trace NaN: training stops after
+    that step, with a line saying why unless verbose is off."""
+    images, labels = small_digits
+    images = images.copy()
+    images[0, 0] = np.nan
+    model = compiled(linear_network(images.shape[1:]), fisher_interval=3)
+    recorder = callbacks.FisherCallback(verbose=verbose)
+    model.fit(
+        unshuffled(images, labels, 4), epochs=2, verbose=0,
+        callbacks=[recorder],
+    )
+    assert int(model.optimizer.iterations.numpy()) == 1
+    assert recorder.diverged_at == "the Gram trace is nan at step 1 (epoch 1)"
+    expected = (
+        "FisherCallback stopped training: the Gram trace is nan at step 1 "
+        "(epoch 1). Lower the learning rate, or pass "
+        "stop_on_divergence=False to train on.\n"
+    )
+    assert capsys.readouterr().out == (expected if verbose else "")
+
+
 def test_callback_rejects_plain_keras_model(small_digits):
     images, labels = small_digits
     network = linear_network(images.shape[1:])
@@ -815,6 +863,49 @@ def test_fisher_model_rejects_mixed_float16_policy():
         model.compile(optimizer="sgd", loss=LOSS, auto_scale_loss=False)
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def test_fisher_model_rejects_two_replicas():
+    """Under a MirroredStrategy over two CPU devices each replica would see
+    half the batch; compile refuses. One device trains."""
+    script = """
+import keras, numpy as np, tensorflow as tf
+from tf_fisher.model import FisherModel
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+devices = [device.name for device in tf.config.list_logical_devices("CPU")]
+
+def build():
+    inputs = keras.Input((3,))
+    return FisherModel(keras.Model(inputs, keras.layers.Dense(2)(inputs)))
+
+with tf.distribute.MirroredStrategy(devices).scope():
+    model = build()
+    try:
+        model.compile(optimizer="sgd", loss="mse")
+    except ValueError as error:
+        print("rejected:", error)
+    print("compiled:", model.compiled)
+with tf.distribute.OneDeviceStrategy(devices[0]).scope():
+    model = build()
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((8, 3)), np.ones((8, 2)), batch_size=4, verbose=0)
+    print("one device trained:", int(model.optimizer.iterations.numpy()))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True,
+        text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(
+        "rejected: FisherModel measures the Gram matrix of a whole batch, "
+        "so it trains on one device. Received: a MirroredStrategy with 2 "
+        "replicas."
+    )
+    assert lines[1:] == ["compiled: False", "one device trained: 2"]
 
 
 def test_fisher_model_rejects_non_model():

@@ -43,9 +43,10 @@ def current_learning_rate(optimizer):
 class AppendingCSV:
     """A CSV file that gets one row at a time and is flushed after each.
 
-    The first write of an instance replaces any existing file, so rerunning
-    a script never mixes old rows with new ones. Later writes append, also
-    after `close`, so one instance can serve several `fit` calls.
+    The first `open` or write of an instance replaces any existing file, so
+    rerunning a script never mixes old rows with new ones. Later writes
+    append, also after `close`, so one instance can serve several `fit`
+    calls.
 
     Args:
         path: file to write.
@@ -61,12 +62,15 @@ class AppendingCSV:
 
     def write(self, row):
         """Append `row` (a dict; missing columns are left empty), flush."""
-        if self._file is None:
-            self._open()
+        self.open()
         self._writer.writerow({key: row.get(key, "") for key in self.columns})
         self._file.flush()
 
-    def _open(self):
+    def open(self):
+        """Open the file if it is closed: the first time it replaces any
+        file there with the header, later it appends."""
+        if self._file is not None:
+            return
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, exist_ok=True)
@@ -85,6 +89,24 @@ class AppendingCSV:
             self._file = self._writer = None
 
 
+def _make_folder(path, argument):
+    """Create the folder `path` of the argument named `argument`, or raise
+    an error that names both."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(
+            f"FisherCallback writes into a folder, but {argument}={path!r} "
+            "is a file. Pass a folder; it is created if missing."
+        )
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"FisherCallback cannot create {argument}={path!r}: "
+            f"{error.strerror}. Pass a folder it can write",
+        ) from error
+
+
 class FisherCallback(keras.callbacks.Callback):
     """Records the Fisher measures of a `tf_fisher.FisherModel`.
 
@@ -99,10 +121,14 @@ class FisherCallback(keras.callbacks.Callback):
     and the epoch averages of the gradient statistics
     (`tf_fisher.gradient_statistics.epoch_statistics`) to the epoch logs, so
     `History` and later callbacks see them, and writes them as `epoch_*`
-    TensorBoard scalars.
+    TensorBoard scalars. List it before the callbacks that read those keys,
+    such as `EarlyStopping(monitor="mean_condition_number")` or
+    `CSVLogger`.
 
     One instance may serve several `fit` calls (for example the stages of a
-    batch-size schedule): the measures keep accumulating across them. Pass
+    batch-size schedule): the measures keep accumulating across them. A new
+    instance starts them again, and replaces the `samples.csv` of its
+    folder at the start of its first `fit`. Pass
     each later call the `initial_epoch` where the previous one stopped, as
     `keras.callbacks.TensorBoard` also needs: Keras numbers the epochs of a
     call from `initial_epoch`, and the CSV's epoch column and the `epoch_*`
@@ -114,6 +140,11 @@ class FisherCallback(keras.callbacks.Callback):
             none.
         stop_on_divergence: stop training when a probed Gram trace or the
             epoch loss is NaN or infinite.
+        verbose: print a line saying why, when it stops training.
+
+    Raises:
+        ValueError: if `output_dir` or `tensorboard_dir` is a file.
+        OSError: naming the folder, if it cannot be created.
 
     Attributes:
         running: the `RunningMeasures` of the run.
@@ -122,20 +153,24 @@ class FisherCallback(keras.callbacks.Callback):
     """
 
     def __init__(
-        self, output_dir=None, tensorboard_dir=None, stop_on_divergence=True
+        self, output_dir=None, tensorboard_dir=None, stop_on_divergence=True,
+        verbose=True,
     ):
         super().__init__()
         self.running = measures.RunningMeasures()
         self.samples = []
         self.diverged_at = None
         self.stop_on_divergence = stop_on_divergence
+        self.verbose = verbose
         self._csv = None
         if output_dir is not None:
+            _make_folder(output_dir, "output_dir")
             self._csv = AppendingCSV(
                 os.path.join(output_dir, "samples.csv"), SAMPLE_COLUMNS
             )
         self._writer = None
         if tensorboard_dir is not None:
+            _make_folder(tensorboard_dir, "tensorboard_dir")
             self._writer = tf.summary.create_file_writer(tensorboard_dir)
         self._epoch = 0
         self._epoch_first_sample = 0
@@ -149,6 +184,12 @@ class FisherCallback(keras.callbacks.Callback):
                 "network with tf_fisher.FisherModel(network)."
             )
         super().set_model(model)
+
+    def on_train_begin(self, logs=None):
+        # Opened before the first step, so that a file that cannot be
+        # written stops `fit` before it trains.
+        if self._csv is not None:
+            self._csv.open()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -216,10 +257,17 @@ class FisherCallback(keras.callbacks.Callback):
             self._diverge(f"the training loss is {loss} in epoch {epoch + 1}")
 
     def _diverge(self, reason):
-        if self.diverged_at is None:
+        first = self.diverged_at is None
+        if first:
             self.diverged_at = reason
         if self.stop_on_divergence:
             self.model.stop_training = True
+            if first and self.verbose:
+                print(
+                    f"FisherCallback stopped training: {reason}. Lower the "
+                    "learning rate, or pass stop_on_divergence=False to "
+                    "train on."
+                )
 
     def _write_scalars(self, prefix, values, step):
         if self._writer is None:

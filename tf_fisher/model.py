@@ -83,7 +83,8 @@ class FisherModel(keras.Model):
     gives. The compiled loss, and each output's loss of a model with
     several outputs, must therefore reduce by "sum_over_batch_size" (the
     Keras default) or "mean", which Keras computes the same way. `compile`
-    rejects other reductions and loss scaling for mixed precision. Weight
+    rejects other reductions, loss scaling for mixed precision and a
+    distribution strategy with more than one replica. Weight
     decay, when set, is added to the gradients as `weight_decay * w` before
     the optimizer (L2 regularisation, as Torch's SGD applies it) and is not
     part of J.
@@ -189,6 +190,19 @@ class FisherModel(keras.Model):
                     f"{getattr(output_loss, 'name', output_loss)!r} "
                     f"({type(output_loss).__name__})"
                 )
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas > 1:
+            # Each replica would form the Gram matrix of its own share of
+            # the batch, and Keras would divide the tracked loss by the
+            # number of replicas.
+            raise ValueError(
+                "FisherModel measures the Gram matrix of a whole batch, so "
+                "it trains on one device. Received: a "
+                f"{type(self.distribute_strategy).__name__} with {replicas} "
+                "replicas. Build and compile the model outside the "
+                "strategy's scope, or under "
+                "tf.distribute.OneDeviceStrategy."
+            )
         if kwargs.get("steps_per_execution", 1) != 1:
             raise ValueError(
                 "FisherModel needs steps_per_execution=1, so that callbacks "

@@ -658,8 +658,10 @@ def make_recorders(config):
         `fisher` before `recorder`, which reads the measures it adds.
     """
     tensorboard_dir = os.path.join(config.output_dir, "tensorboard")
+    # The run logs a divergence itself, naming its folder.
     fisher = fisher_callbacks.FisherCallback(
-        config.output_dir, os.path.join(tensorboard_dir, "fisher")
+        config.output_dir, os.path.join(tensorboard_dir, "fisher"),
+        verbose=False,
     )
     recorder = EpochRecorder(config.output_dir, config.epochs, fisher.running)
     tensorboard = keras.callbacks.TensorBoard(
