@@ -70,6 +70,25 @@ def test_tolerance_is_relative_to_lambda_max(small, tolerance, rank):
     )
 
 
+@pytest.mark.parametrize(
+    "max_rank, rank, lambda_min",
+    [(None, 6, 1e-8), (3, 3, 1.0), (6, 6, 1e-8), (10, 6, 1e-8)],
+    ids=["none", "three", "batch", "above_batch"],
+)
+def test_max_rank_keeps_largest_eigenvalues(max_rank, rank, lambda_min):
+    """Three examples too many for three parameters: their round-off
+    eigenvalues, above the default tolerance, count only without the
+    bound."""
+    matrix = gram_with_eigenvalues([9.0, 4.0, 1.0, 3e-8, 2e-8, 1e-8], seed=4)
+    values = measures.spectrum_statistics(matrix, max_rank=max_rank)
+    assert float(values["rank"]) == rank
+    assert float(values["lambda_max"]) == pytest.approx(9.0, rel=1e-12)
+    assert float(values["lambda_min"]) == pytest.approx(lambda_min, rel=1e-6)
+    assert float(values["condition_number"]) == pytest.approx(
+        math.sqrt(9.0 / lambda_min), rel=1e-6
+    )
+
+
 @pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
 def test_tolerance_scales_with_matrix(scale):
     # With tolerance 1e-3 an eigenvalue of 2e-3 λ_max counts and one of

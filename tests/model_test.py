@@ -608,6 +608,47 @@ def test_fit_keeps_jit_compile(small_digits):
     assert not any("jit_compile" in message for message in messages)
 
 
+def test_probe_rank_at_most_parameters():
+    """A one-unit head on a frozen base has 9 parameters, so at batch 32 the
+    Gram matrix has rank 9. Its float32 round-off leaves 23 eigenvalues
+    near 1e-8 λ_max, above the default tolerance; the probe drops them and
+    its c_k matches a float64 per-example loop."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 20)).astype(np.float32)
+    y = rng.integers(0, 2, (32, 1)).astype(np.float32)
+    base = keras.Sequential(
+        [keras.Input((20,)), keras.layers.Dense(8, activation="relu")]
+    )
+    base.trainable = False
+    inputs = keras.Input((20,))
+    network = keras.Model(
+        inputs, keras.layers.Dense(1, activation="sigmoid")(base(inputs))
+    )
+    columns = []
+    for i in range(32):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.binary_crossentropy(
+                y[i : i + 1], network(x[i : i + 1], training=True)
+            )
+        gradients = tape.gradient(loss, network.trainable_variables)
+        columns.append(np.concatenate(
+            [np.asarray(g, np.float64).ravel() for g in gradients]
+        ))
+    jacobian = np.stack(columns)
+    assert jacobian.shape == (32, 9)
+    eigenvalues = np.linalg.eigvalsh(jacobian @ jacobian.T)[-9:]
+
+    model = FisherModel(network, fisher_interval=1)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="bce")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+    values = model.read_probe_values()
+    assert values["rank"] == 9
+    assert values["lambda_min"] == pytest.approx(eigenvalues[0], rel=1e-4)
+    assert values["condition_number"] == pytest.approx(
+        math.sqrt(eigenvalues[-1] / eigenvalues[0]), rel=1e-4
+    )
+
+
 # FisherCallback.
 
 

@@ -23,9 +23,17 @@ nonzero set is cut. The default, `DEFAULT_TOLERANCE` = 1e-9 (singular values
 down to about 3e-5 σ_max), is where the float32 Gram of this package and a
 float64 Jᵀ J agree: for the MLP on the embedded digits after one epoch at
 batch 128, c_k from the two matched to 1e-6 for every tolerance from 1e-9 to
-1e-5, and differed by up to 3% at tolerance 0. When no eigenvalue is nonzero
-(all gradients zero), c_k is undefined: it is NaN in the per-sample record
-and is left out of C̄_K.
+1e-5, and differed by up to 3% at tolerance 0. J has one row per parameter,
+so F has at most P nonzero eigenvalues, and with `max_rank` = P only the
+largest P can count. That matters when the batch has more examples than the
+model has trainable parameters, such as a small head on a frozen base:
+float32 round-off then leaves the zero eigenvalues near 1e-8 λ_max, above
+the default tolerance. When no eigenvalue is nonzero (all gradients zero),
+c_k is undefined: it is NaN in the per-sample record and is left out of C̄_K.
+
+NOTE: `max_rank` is the only bound applied. Where J has a lower rank for
+another reason, round-off eigenvalues may still exceed the default
+tolerance; a larger tolerance drops them.
 """
 
 import math
@@ -70,13 +78,16 @@ def clamped_eigenvalues(gram):
     return tf.where(finite, eigenvalues, tf.constant(math.nan, gram.dtype))
 
 
-def spectrum_statistics(gram, tolerance=DEFAULT_TOLERANCE):
+def spectrum_statistics(gram, tolerance=DEFAULT_TOLERANCE, max_rank=None):
     """Measure one Gram matrix.
 
     Args:
         gram: `[batch, batch]` symmetric positive semi-definite matrix.
         tolerance: an eigenvalue counts as nonzero when it is larger than
             `tolerance * lambda_max`; 0 keeps every positive eigenvalue.
+        max_rank: None, or the number P of parameters, the rows of J. F = Jᵀ
+            J then has at most P nonzero eigenvalues, so only the largest P
+            can count as nonzero; the others are round-off.
 
     NOTE: pass a float64 matrix, as `tf_fisher.gram` builds it. A float32
     matrix carries round-off near 1e-7 · lambda_max in its eigenvalues, far
@@ -93,6 +104,10 @@ def spectrum_statistics(gram, tolerance=DEFAULT_TOLERANCE):
     lambda_max = tf.reduce_max(eigenvalues)
     threshold = tf.cast(tolerance, gram.dtype) * lambda_max
     nonzero = eigenvalues > threshold
+    if max_rank is not None:
+        # Ascending order: the largest `max_rank` come last.
+        size = tf.shape(eigenvalues)[0]
+        nonzero &= tf.range(size) >= size - max_rank
     rank = tf.reduce_sum(tf.cast(nonzero, gram.dtype))
     nan = tf.constant(math.nan, gram.dtype)
     inf = tf.constant(math.inf, gram.dtype)
@@ -190,7 +205,7 @@ PROBE_KEYS = (
 )
 
 
-def probe_statistics(gram, tolerance=DEFAULT_TOLERANCE):
+def probe_statistics(gram, tolerance=DEFAULT_TOLERANCE, max_rank=None):
     """Measure one probed batch: its size, `spectrum_statistics` and
     `tf_fisher.gradient_statistics.gradient_statistics`.
 
@@ -199,6 +214,6 @@ def probe_statistics(gram, tolerance=DEFAULT_TOLERANCE):
         statistics are float64, the others in the dtype of `gram`.
     """
     statistics = {"batch_size": tf.cast(tf.shape(gram)[0], gram.dtype)}
-    statistics.update(spectrum_statistics(gram, tolerance))
+    statistics.update(spectrum_statistics(gram, tolerance, max_rank))
     statistics.update(gradient_statistics.gradient_statistics(gram))
     return statistics

@@ -319,8 +319,10 @@ class FisherModel(keras.Model):
         y_pred, weight_gradients, matrix = self._gradients_and_gram(
             x, y, sample_weight
         )
+        # J has one row per trainable parameter.
+        num_parameters = sum(math.prod(w.shape) for w in weights)
         statistics = measures.probe_statistics(
-            matrix, self.eigenvalue_tolerance
+            matrix, self.eigenvalue_tolerance, max_rank=num_parameters
         )
         self._probe.assign(statistics)
         self._apply_gradients(weight_gradients, weights)
