@@ -46,6 +46,76 @@ def loop_jacobian(model, loss, x, y):
     return np.stack(rows).astype(np.float64)
 
 
+def two_output_network(outputs_as):
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(7, activation="relu")(inputs)
+    classes = keras.layers.Dense(3, name="classes")(hidden)
+    value = keras.layers.Dense(1, name="value")(hidden)
+    if outputs_as == "dict":
+        return keras.Model(inputs, {"classes": classes, "value": value})
+    return keras.Model(inputs, [classes, value])
+
+
+@pytest.mark.parametrize("outputs_as", ["dict", "list"])
+def test_gram_matrix_sums_losses_of_outputs(outputs_as):
+    """Column i of J is the gradient of example i's cross-entropy plus its
+    squared error, from one tape per example."""
+    keras.utils.set_random_seed(3)
+    network = two_output_network(outputs_as)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 6)).astype(np.float32)
+    labels = rng.integers(0, 3, 8)
+    targets = rng.normal(size=(8, 1)).astype(np.float32)
+    rows = []
+    for i in range(8):
+        with tf.GradientTape() as tape:
+            outputs = tf.nest.flatten(network(x[i : i + 1], training=True))
+            value = LOSS(labels[i : i + 1], outputs[0]) + tf.reduce_sum(
+                keras.losses.mean_squared_error(targets[i : i + 1],
+                                                outputs[1])
+            )
+        gradients = tape.gradient(value, network.trainable_weights)
+        rows.append(np.concatenate([np.ravel(g) for g in gradients]))
+    jacobian = np.stack(rows).astype(np.float64)
+    if outputs_as == "dict":
+        loss = {"classes": LOSS, "value": "mse"}
+        y = {"classes": labels, "value": targets}
+    else:
+        loss, y = [LOSS, "mse"], [labels, targets]
+    actual = gram.gram_matrix(network, loss, x, y)
+    assert_matrix_close(actual, jacobian @ jacobian.T)
+
+
+def test_gram_matrix_rejects_loss_per_output_mismatch():
+    network = two_output_network("dict")
+    x = np.zeros((4, 6), np.float32)
+    y = {"classes": np.zeros(4), "value": np.zeros((4, 1))}
+    with pytest.raises(ValueError) as error:
+        gram.gram_matrix(network, {"classes": LOSS}, x, y)
+    assert str(error.value) == (
+        "For a model with several outputs, gram_matrix needs a loss and a "
+        "target for each output, in a list or dict with the structure of "
+        "the outputs. Received: outputs keyed ['classes', 'value'], losses "
+        "keyed ['classes'] and targets keyed ['classes', 'value']."
+    )
+
+
+def test_gram_matrix_scalar_loss_counts_as_mean(digits):
+    """A loss function that returns the batch mean gives the Gram matrix of
+    the per-example losses, as FisherModel takes it."""
+    model = models.mlp((32, 32, 1), 10, seed=0)
+    x, y = digit_batch(digits, 8)
+
+    def mean_loss(labels, logits):
+        return tf.reduce_mean(LOSS.call(labels, logits))
+
+    assert_matrix_close(
+        gram.gram_matrix(model, mean_loss, x, y),
+        gram.gram_matrix(model, LOSS, x, y),
+        rtol=1e-6,
+    )
+
+
 def softmax(logits):
     shifted = logits - logits.max(axis=1, keepdims=True)
     exponentials = np.exp(shifted)

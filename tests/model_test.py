@@ -728,6 +728,8 @@ def test_callback_rejects_file_as_folder(tmp_path, argument):
         callbacks.FisherCallback(**{argument: str(path)})
     assert f"{argument}={str(path)!r} is a file" in str(error.value)
     assert path.read_text() == "kept"
+    with pytest.raises(TypeError, match=f"Received: {argument}=123."):
+        callbacks.FisherCallback(**{argument: 123})
 
 
 def test_callback_unwritable_csv_stops_before_training(small_digits,

@@ -92,6 +92,11 @@ class AppendingCSV:
 def _make_folder(path, argument):
     """Create the folder `path` of the argument named `argument`, or raise
     an error that names both."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"FisherCallback needs a folder path for {argument}, a str or "
+            f"os.PathLike. Received: {argument}={path!r}."
+        )
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(
             f"FisherCallback writes into a folder, but {argument}={path!r} "

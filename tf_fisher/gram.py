@@ -1671,11 +1671,16 @@ def gram_matrix(model, loss, x, y, method="fast"):
 
     Args:
         model: a Functional or built Sequential `keras.Model`.
-        loss: a `keras.losses.Loss` or a callable returning unreduced
-            per-example losses; the batch loss is their sum.
+        loss: a `keras.losses.Loss`, the name of one, or a callable
+            returning unreduced per-example losses; the batch loss is their
+            sum. A callable that returns one value for the whole batch
+            counts as the mean over the batch, as in `FisherModel`. For a
+            model with several outputs, a list or dict of such losses with
+            the structure of the outputs.
         x: model input, `[batch, ...]`, or a list or dict of such inputs
             for a model with several.
-        y: targets, `[batch, ...]`.
+        y: targets, `[batch, ...]`, or a list or dict of them with the
+            structure of the outputs.
         method: "fast" (closed forms) or "tape" (per-layer tape).
 
     Returns:
@@ -1697,9 +1702,47 @@ def gram_matrix(model, loss, x, y, method="fast"):
     with tf.GradientTape() as tape:
         taps = GramTaps(tape, gradient_scale=1.0, method=method)
         y_pred, calls = traced_call(model, x, training=True, taps=taps)
-        total = tf.reduce_sum(per_example_losses(loss, y, y_pred))
+        total = _summed_loss(loss, y, y_pred)
     check_traced_weights(model, calls)
     return taps.gram(tape.gradient(total, taps.sources))
+
+
+def _summed_loss(loss, y, y_pred):
+    """Return the sum of the per-example losses of every output."""
+    if not tf.nest.is_nested(y_pred):
+        pairs = [(loss, y, y_pred)]
+    else:
+        try:
+            tf.nest.assert_same_structure(loss, y_pred)
+            tf.nest.assert_same_structure(y, y_pred)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                "For a model with several outputs, gram_matrix needs a loss "
+                "and a target for each output, in a list or dict with the "
+                f"structure of the outputs. Received: outputs {_keys(y_pred)}, "
+                f"losses {_keys(loss)} and targets {_keys(y)}."
+            ) from error
+        pairs = zip(
+            tf.nest.flatten(loss), tf.nest.flatten(y), tf.nest.flatten(y_pred)
+        )
+    total = 0.0
+    for output_loss, target, output in pairs:
+        values = per_example_losses(output_loss, target, output)
+        summed = tf.reduce_sum(values)
+        if values.shape.rank == 0:
+            # One value for the batch counts as its mean, as in FisherModel.
+            summed *= tf.cast(tf.shape(output)[0], summed.dtype)
+        total += summed
+    return total
+
+
+def _keys(structure):
+    """Describe a list or dict of outputs, losses or targets for a message."""
+    if isinstance(structure, dict):
+        return f"keyed {sorted(structure)}"
+    if isinstance(structure, (list, tuple)):
+        return f"a {type(structure).__name__} of {len(structure)}"
+    return f"one {type(structure).__name__}"
 
 
 def flat_gradient(gradients, weights):
