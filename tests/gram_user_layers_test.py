@@ -294,6 +294,34 @@ def test_fallback_layer_with_dropout_is_rejected():
             gram.gram_matrix(network, LOSS, x, y)
 
 
+class LeakyProjection(keras.layers.Layer):
+    """Leaky ReLU of x W, whose slope is called `rate`: no random numbers."""
+
+    def __init__(self, units, rate=0.2, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.rate = rate
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            shape=(input_shape[-1], self.units), initializer="glorot_uniform"
+        )
+
+    def call(self, inputs):
+        return tf.nn.leaky_relu(inputs @ self.kernel, alpha=self.rate)
+
+
+def test_fallback_layer_with_deterministic_rate_matches_loop():
+    """A `rate` attribute marks a layer as random only when the layer also
+    holds a seed generator, as Keras' random layers do."""
+    inputs = keras.Input((6,))
+    hidden = LeakyProjection(5, name="leaky")(inputs)
+    network = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    x, y = random_batch((6,), 5, 3, seed=12)
+    assert gram._random_setting(network.get_layer("leaky")) is None
+    assert_gram_and_probe_match(network, x, y)
+
+
 class NoisyScale(keras.layers.Layer):
     """x ⊙ w, plus Gaussian noise from `keras.random` in training."""
 

@@ -1052,10 +1052,20 @@ _RANDOM_ATTRIBUTES = ("rate", "dropout", "recurrent_dropout", "stddev")
 
 def _random_setting(layer):
     """Return `(sublayer, attribute, value)` for the first layer in `layer`
-    (itself included) that draws random numbers in training, or None."""
+    (itself included) that draws random numbers in training, or None.
+
+    A layer counts when it holds a `keras.random.SeedGenerator`, as Keras'
+    random layers and RNN cells do, and one of `_RANDOM_ATTRIBUTES` is
+    positive: a custom layer may use `rate` for something else.
+    """
     # NOTE: `_flatten_layers` is the private Keras 3.15 walk over a layer
     # and the layers it tracks, such as the cell of an LSTM.
     for sublayer in layer._flatten_layers(include_self=True):
+        if not any(
+            isinstance(value, keras.random.SeedGenerator)
+            for value in vars(sublayer).values()
+        ):
+            continue
         for name in _RANDOM_ATTRIBUTES:
             value = getattr(sublayer, name, None)
             is_number = isinstance(value, (int, float)) and not isinstance(
