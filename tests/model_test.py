@@ -770,6 +770,100 @@ def test_callback_says_why_it_stopped(small_digits, capsys, verbose):
     assert capsys.readouterr().out == (expected if verbose else "")
 
 
+class StopAt(keras.callbacks.Callback):
+    """Raises, as a crash would, before step `batch` of epoch `epoch`."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.epoch, self.batch = epoch, batch
+        self._current = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self._current, batch) == (self.epoch, self.batch):
+            raise RuntimeError("stopped")
+
+
+def read_samples(folder):
+    with open(folder / "samples.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_callback_continues_after_backup_and_restore(small_digits, tmp_path):
+    """A run stopped in its third epoch and resumed by BackupAndRestore with
+    a new callback records what an uninterrupted run records."""
+    images, labels = small_digits
+    data = unshuffled(images, labels, 4)
+    folders = {name: tmp_path / name for name in ("whole", "resumed")}
+    whole = compiled(linear_network(images.shape[1:]), fisher_interval=2)
+    expected = whole.fit(
+        data, epochs=4, verbose=0,
+        callbacks=[callbacks.FisherCallback(str(folders["whole"]))],
+    ).history
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    model = compiled(linear_network(images.shape[1:]), fisher_interval=2)
+    with pytest.raises(RuntimeError, match="stopped"):
+        model.fit(
+            data, epochs=4, verbose=0,
+            callbacks=[
+                backup, callbacks.FisherCallback(str(folders["resumed"])),
+                StopAt(epoch=2, batch=3),
+            ],
+        )
+    # Two probes of the third epoch were written before the stop.
+    assert len(read_samples(folders["resumed"])) == 8
+    model = compiled(linear_network(images.shape[1:]), fisher_interval=2)
+    recorder = callbacks.FisherCallback(str(folders["resumed"]))
+    history = model.fit(
+        data, epochs=4, verbose=0, callbacks=[backup, recorder],
+    ).history
+
+    resumed_rows = read_samples(folders["resumed"])
+    whole_rows = read_samples(folders["whole"])
+    assert len(resumed_rows) == len(whole_rows) == 12
+    for resumed, uninterrupted in zip(resumed_rows, whole_rows, strict=True):
+        for key in ("step", "epoch", "batch_size", "rank"):
+            assert resumed[key] == uninterrupted[key]
+        for key in ("trace", "condition_number", "cumulative_fisher_energy"):
+            assert float(resumed[key]) == pytest.approx(
+                float(uninterrupted[key]), rel=1e-5
+            )
+    assert [row["step"] for row in recorder.samples] == [
+        int(row["step"]) for row in whole_rows
+    ]
+    # History covers the resumed epochs only, as Keras gives it.
+    for key in ("mean_condition_number", "cumulative_fisher_energy"):
+        assert history[key] == pytest.approx(expected[key][2:], rel=1e-5)
+    assert recorder.running.num_iterations == 24
+
+
+def test_callback_replaces_run_it_cannot_continue(small_digits, tmp_path):
+    """A state saved after epoch 1 cannot continue at epoch 3: the callback
+    warns, replaces the rows and starts the measures again."""
+    images, labels = small_digits
+    data = unshuffled(images, labels, 4)
+    model = compiled(linear_network(images.shape[1:]), fisher_interval=2)
+    model.fit(
+        data, epochs=1, verbose=0,
+        callbacks=[callbacks.FisherCallback(str(tmp_path))],
+    )
+    assert len(read_samples(tmp_path)) == 3
+    recorder = callbacks.FisherCallback(str(tmp_path))
+    with pytest.warns(UserWarning, match="stopped after epoch 1, but "
+                      "training starts at epoch 3"):
+        model.fit(
+            data, initial_epoch=2, epochs=3, verbose=0, callbacks=[recorder],
+        )
+    rows = read_samples(tmp_path)
+    assert [(row["step"], row["epoch"]) for row in rows] == [
+        ("1", "3"), ("3", "3"), ("5", "3")
+    ]
+    assert recorder.running.num_iterations == 6
+
+
 def test_callback_rejects_plain_keras_model(small_digits):
     images, labels = small_digits
     network = linear_network(images.shape[1:])

@@ -1,8 +1,10 @@
 """Keras callbacks that record the Fisher measures of a `FisherModel`."""
 
 import csv
+import json
 import math
 import os
+import warnings
 
 import keras
 import tensorflow as tf
@@ -20,6 +22,9 @@ SAMPLE_COLUMNS = (
         "cumulative_fisher_energy",
     )
 )
+
+# The file in which `FisherCallback` keeps what it needs to continue a run.
+STATE_FILE = "fisher_state.json"
 
 # Keys that `FisherCallback` adds to the logs of every epoch: the running
 # measures, then the epoch averages of the gradient statistics.
@@ -66,9 +71,10 @@ class AppendingCSV:
         self._writer.writerow({key: row.get(key, "") for key in self.columns})
         self._file.flush()
 
-    def open(self):
+    def open(self, kept_rows=()):
         """Open the file if it is closed: the first time it replaces any
-        file there with the header, later it appends."""
+        file there with the header and `kept_rows` (dicts, as
+        `csv.DictReader` reads them), later it appends."""
         if self._file is not None:
             return
         directory = os.path.dirname(self.path)
@@ -80,13 +86,36 @@ class AppendingCSV:
         self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
         if not self._started:
             self._writer.writeheader()
+            self._writer.writerows(kept_rows)
             self._file.flush()
             self._started = True
+
+    def check_writable(self):
+        """Raise OSError now if the file could not be opened for writing,
+        without changing it."""
+        if not self._started:
+            with open(self.path, "a"):
+                pass
 
     def close(self):
         if self._file is not None:
             self._file.close()
             self._file = self._writer = None
+
+
+# Integer columns of `samples.csv`; the others are floats.
+_INTEGER_COLUMNS = frozenset({"step", "epoch", "batch_size", "rank"})
+
+
+def _parsed_row(row):
+    """Return a `samples.csv` row read back as the dict the callback made."""
+    parsed = {}
+    for key, text in row.items():
+        value = float(text) if text not in ("", None) else math.nan
+        if key in _INTEGER_COLUMNS and math.isfinite(value):
+            value = int(value)
+        parsed[key] = value
+    return parsed
 
 
 def _make_folder(path, argument):
@@ -133,7 +162,7 @@ class FisherCallback(keras.callbacks.Callback):
     One instance may serve several `fit` calls (for example the stages of a
     batch-size schedule): the measures keep accumulating across them. A new
     instance starts them again, and replaces the `samples.csv` of its
-    folder at the start of its first `fit`. Pass
+    folder, unless it continues an interrupted run (below). Pass
     each later call the `initial_epoch` where the previous one stopped, as
     `keras.callbacks.TensorBoard` also needs: Keras numbers the epochs of a
     call from `initial_epoch`, and the CSV's epoch column and the `epoch_*`
@@ -145,7 +174,8 @@ class FisherCallback(keras.callbacks.Callback):
             none.
         stop_on_divergence: stop training when a probed Gram trace or the
             epoch loss is NaN or infinite.
-        verbose: print a line saying why, when it stops training.
+        verbose: print a line when it stops training, saying why, and when
+            it continues an interrupted run.
 
     Raises:
         ValueError: if `output_dir` or `tensorboard_dir` is a file.
@@ -155,6 +185,15 @@ class FisherCallback(keras.callbacks.Callback):
         running: the `RunningMeasures` of the run.
         samples: list of per-sample dicts, keyed by `SAMPLE_COLUMNS`.
         diverged_at: None, or a message saying where training diverged.
+
+    With an `output_dir`, the callback also writes `STATE_FILE` there at
+    each epoch end: the running measures and the number of rows after that
+    epoch. When a new instance's first epoch is not the first of training,
+    because `fit` was given `initial_epoch` or
+    `keras.callbacks.BackupAndRestore` resumed an interrupted run, and the
+    file records that the run stopped after the epoch before it, the callback
+    continues that run: it keeps the rows up to there, drops those of the
+    interrupted epoch, and restores C̄_K and L_K.
     """
 
     def __init__(
@@ -168,11 +207,14 @@ class FisherCallback(keras.callbacks.Callback):
         self.stop_on_divergence = stop_on_divergence
         self.verbose = verbose
         self._csv = None
+        self._state_path = None
         if output_dir is not None:
             _make_folder(output_dir, "output_dir")
             self._csv = AppendingCSV(
                 os.path.join(output_dir, "samples.csv"), SAMPLE_COLUMNS
             )
+            self._state_path = os.path.join(output_dir, STATE_FILE)
+        self._begun = False
         self._writer = None
         if tensorboard_dir is not None:
             _make_folder(tensorboard_dir, "tensorboard_dir")
@@ -191,14 +233,77 @@ class FisherCallback(keras.callbacks.Callback):
         super().set_model(model)
 
     def on_train_begin(self, logs=None):
-        # Opened before the first step, so that a file that cannot be
-        # written stops `fit` before it trains.
+        # Checked before the first step, so that a file that cannot be
+        # written stops `fit` before it trains. The first epoch decides
+        # whether the file is replaced or continued.
         if self._csv is not None:
-            self._csv.open()
+            self._csv.check_writable()
 
     def on_epoch_begin(self, epoch, logs=None):
+        if not self._begun:
+            self._begin(epoch)
         self._epoch = epoch
         self._epoch_first_sample = len(self.samples)
+
+    def _begin(self, epoch):
+        """Start the records at the instance's first epoch, continuing an
+        earlier run if `STATE_FILE` records that it stopped right before
+        `epoch`."""
+        self._begun = True
+        if self._csv is None:
+            return
+
+        state = self._saved_state() if epoch > 0 else None
+        if state is not None and state.get("epochs") != epoch:
+            warnings.warn(
+                f"{self._state_path} records a run that stopped after epoch "
+                f"{state.get('epochs')}, but training starts at epoch "
+                f"{epoch + 1}, so FisherCallback replaces "
+                f"{self._csv.path} and starts C̄_K and L_K again.",
+                stacklevel=3,
+            )
+            state = None
+        if state is None:
+            self._csv.open()
+            return
+
+        with open(self._csv.path, newline="") as file:
+            earlier_rows = list(csv.DictReader(file))[: state["samples"]]
+        self.running.restore(state["running"])
+        self.samples = [_parsed_row(row) for row in earlier_rows]
+        self._csv.open(earlier_rows)
+        if self.verbose:
+            print(
+                f"FisherCallback continues the run in {self._csv.path} "
+                f"after epoch {epoch}: {len(earlier_rows)} samples, C̄_K "
+                f"{self.running.mean_condition_number:.4g}, L_K "
+                f"{self.running.cumulative_energy:.4g}."
+            )
+
+    def _saved_state(self):
+        """Return the saved state, or None if there is none to continue."""
+        try:
+            with open(self._state_path) as file:
+                state = json.load(file)
+            with open(self._csv.path, newline="") as file:
+                rows = sum(1 for _ in csv.DictReader(file))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(state, dict) or rows < state.get("samples", 0):
+            return None
+        return state
+
+    def _save_state(self, epoch):
+        from tf_fisher import run
+
+        run.write_json_atomically(
+            self._state_path,
+            {
+                "epochs": epoch + 1,
+                "samples": len(self.samples),
+                "running": self.running.state(),
+            },
+        )
 
     def on_train_batch_begin(self, batch, logs=None):
         # The rate of this step: after the step, a learning-rate schedule
@@ -257,6 +362,8 @@ class FisherCallback(keras.callbacks.Callback):
         )
         logs.update(epoch_values)
         self._write_scalars("epoch_", epoch_values, epoch)
+        if self._state_path is not None:
+            self._save_state(epoch)
         loss = logs.get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             self._diverge(f"the training loss is {loss} in epoch {epoch + 1}")

@@ -178,6 +178,20 @@ class RunningMeasures:
             return math.nan
         return self.energy_sum * self.num_iterations / self.num_samples
 
+    def restore(self, state):
+        """Set the accumulators from a dict that `state` returned, in which
+        a JSON file may have turned NaN into None."""
+
+        def number(key):
+            value = state[key]
+            return math.nan if value is None else float(value)
+
+        self.condition_number_sum = number("condition_number_sum")
+        self.num_defined = int(state["num_defined"])
+        self.energy_sum = number("energy_sum")
+        self.num_samples = int(state["num_samples"])
+        self.num_iterations = int(state["num_iterations"])
+
     def state(self):
         """Return the accumulators as a dict, for checkpoints and summaries."""
         return {

@@ -5,6 +5,8 @@ A run folder holds:
 * `config.json`: the resolved configuration, written before training.
 * `samples.csv`: one row per probed iteration (see
   `tf_fisher.callbacks.SAMPLE_COLUMNS`), flushed as it comes.
+* `fisher_state.json`: the running measures after the last epoch, which
+  `tf_fisher.FisherCallback` reads to continue an interrupted run.
 * `epochs.csv`: one row per epoch (`EPOCH_COLUMNS`), flushed as it comes.
 * `tensorboard/`: event files; `train/` and `validation/` from Keras'
   TensorBoard callback, `fisher/` with the measures, and in the folder
@@ -211,6 +213,7 @@ def _to_json(value):
 RUN_FILES = (
     "config.json",
     "samples.csv",
+    fisher_callbacks.STATE_FILE,
     "epochs.csv",
     "decisions.csv",
     "summary.json",
