@@ -771,7 +771,8 @@ def test_callback_says_why_it_stopped(small_digits, capsys, verbose):
 
 
 class StopAt(keras.callbacks.Callback):
-    """Raises, as a crash would, before step `batch` of epoch `epoch`."""
+    """Raises, as a crash would, before step `batch` of epoch `epoch`, or at
+    the end of that epoch when `batch` is None."""
 
     def __init__(self, epoch, batch):
         super().__init__()
@@ -785,44 +786,69 @@ class StopAt(keras.callbacks.Callback):
         if (self._current, batch) == (self.epoch, self.batch):
             raise RuntimeError("stopped")
 
+    def on_epoch_end(self, epoch, logs=None):
+        if self.batch is None and epoch == self.epoch:
+            raise RuntimeError("stopped")
 
-def read_samples(folder):
-    with open(folder / "samples.csv", newline="") as file:
+
+def read_samples(folder, name="samples.csv"):
+    with open(folder / name, newline="") as file:
         return list(csv.DictReader(file))
 
 
-def test_callback_continues_after_backup_and_restore(small_digits, tmp_path):
-    """A run stopped in its third epoch and resumed by BackupAndRestore with
-    a new callback records what an uninterrupted run records."""
-    images, labels = small_digits
+def stop_and_resume(images, labels, folder, stop, **callback_arguments):
+    """Train 4 epochs with BackupAndRestore, stopped by `stop` (listed after
+    the FisherCallback, before the backup), then again with a new model
+    and callback; return the second callback and its history."""
     data = unshuffled(images, labels, 4)
-    folders = {name: tmp_path / name for name in ("whole", "resumed")}
-    whole = compiled(linear_network(images.shape[1:]), fisher_interval=2)
-    expected = whole.fit(
-        data, epochs=4, verbose=0,
-        callbacks=[callbacks.FisherCallback(str(folders["whole"]))],
-    ).history
-
-    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    backup = keras.callbacks.BackupAndRestore(str(folder / "backup"))
     model = compiled(linear_network(images.shape[1:]), fisher_interval=2)
     with pytest.raises(RuntimeError, match="stopped"):
         model.fit(
             data, epochs=4, verbose=0,
             callbacks=[
-                backup, callbacks.FisherCallback(str(folders["resumed"])),
-                StopAt(epoch=2, batch=3),
+                callbacks.FisherCallback(str(folder), **callback_arguments),
+                stop, backup,
             ],
         )
-    # Two probes of the third epoch were written before the stop.
-    assert len(read_samples(folders["resumed"])) == 8
     model = compiled(linear_network(images.shape[1:]), fisher_interval=2)
-    recorder = callbacks.FisherCallback(str(folders["resumed"]))
+    recorder = callbacks.FisherCallback(str(folder), **callback_arguments)
     history = model.fit(
-        data, epochs=4, verbose=0, callbacks=[backup, recorder],
+        data, epochs=4, verbose=0, callbacks=[recorder, backup],
     ).history
+    return recorder, history
 
-    resumed_rows = read_samples(folders["resumed"])
-    whole_rows = read_samples(folders["whole"])
+
+@pytest.mark.parametrize(
+    "epoch, batch", [(2, 3), (1, None), (0, 0)],
+    ids=["third_epoch", "second_epoch_end", "first_step"],
+)
+def test_callback_continues_after_backup_and_restore(small_digits, tmp_path,
+                                                     epoch, batch):
+    """A run stopped and resumed by BackupAndRestore with a new callback
+    records what an uninterrupted run records. Stopped at the end of the
+    second epoch, after the callback saved its state but before the backup
+    was written, training resumes at the second epoch."""
+    images, labels = small_digits
+    whole_folder = tmp_path / "whole"
+    whole = compiled(linear_network(images.shape[1:]), fisher_interval=2)
+    expected = whole.fit(
+        unshuffled(images, labels, 4), epochs=4, verbose=0,
+        callbacks=[callbacks.FisherCallback(str(whole_folder))],
+    ).history
+    folder = tmp_path / "resumed"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recorder, history = stop_and_resume(
+            images, labels, folder, StopAt(epoch, batch)
+        )
+    assert not [
+        warning for warning in caught
+        if "FisherCallback" in str(warning.message)
+    ]
+
+    resumed_rows = read_samples(folder)
+    whole_rows = read_samples(whole_folder)
     assert len(resumed_rows) == len(whole_rows) == 12
     for resumed, uninterrupted in zip(resumed_rows, whole_rows, strict=True):
         for key in ("step", "epoch", "batch_size", "rank"):
@@ -834,34 +860,104 @@ def test_callback_continues_after_backup_and_restore(small_digits, tmp_path):
     assert [row["step"] for row in recorder.samples] == [
         int(row["step"]) for row in whole_rows
     ]
-    # History covers the resumed epochs only, as Keras gives it.
+    # History covers the epochs of the second fit only, as Keras gives it.
+    first = 4 - len(history["loss"])
     for key in ("mean_condition_number", "cumulative_fisher_energy"):
-        assert history[key] == pytest.approx(expected[key][2:], rel=1e-5)
+        assert history[key] == pytest.approx(expected[key][first:], rel=1e-5)
     assert recorder.running.num_iterations == 24
 
 
-def test_callback_replaces_run_it_cannot_continue(small_digits, tmp_path):
-    """A state saved after epoch 1 cannot continue at epoch 3: the callback
-    warns, replaces the rows and starts the measures again."""
+@pytest.mark.parametrize("damage", ["no_state", "short_csv", "bad_value"])
+def test_callback_keeps_rows_it_cannot_continue(small_digits, tmp_path,
+                                                damage):
+    """Records damaged at the end of the second epoch, before the backup:
+    training resumes at the second epoch, and the callback warns why it
+    cannot continue, keeps the earlier rows in samples.csv.bak and starts
+    the measures again."""
+    images, labels = small_digits
+    path = tmp_path / "samples.csv"
+    state_path = tmp_path / callbacks.STATE_FILE
+
+    class Damage(StopAt):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch != self.epoch:
+                return
+            if damage == "no_state":
+                os.remove(state_path)
+            lines = path.read_text().splitlines(keepends=True)
+            if damage == "short_csv":
+                lines = lines[:3]
+            elif damage == "bad_value":
+                lines[2] = lines[2].replace(",", ",abc", 1)
+            path.write_text("".join(lines))
+            raise RuntimeError("stopped")
+
+    expected = {
+        "no_state": f"{state_path} is missing.",
+        "short_csv": f"{path} holds 2 rows, but {state_path} records 3 "
+                     "after epoch 1.",
+        "bad_value": f"row 2 of {path} has 'abc",
+    }[damage]
+    with pytest.warns(UserWarning) as caught:
+        recorder, _ = stop_and_resume(
+            images, labels, tmp_path, Damage(1, None)
+        )
+    (message,) = [
+        str(warning.message) for warning in caught
+        if "FisherCallback" in str(warning.message)
+    ]
+    assert message.startswith(
+        f"FisherCallback cannot continue the run recorded in {tmp_path} at "
+        f"epoch 2: {expected}"
+    )
+    assert f"The earlier rows are kept in {path}.bak." in message
+    assert len(read_samples(tmp_path, "samples.csv.bak")) == (
+        2 if damage == "short_csv" else 6
+    )
+    rows = read_samples(tmp_path)
+    assert [(row["step"], row["epoch"]) for row in rows] == [
+        (str(step), str(2 + index // 3))
+        for index, step in enumerate(range(1, 18, 2))
+    ]
+    assert recorder.running.num_iterations == 18
+
+
+def test_callback_continues_at_earlier_epoch(small_digits, tmp_path):
+    """`initial_epoch` before the last recorded epoch continues from the
+    records of that epoch and replaces those of the later ones."""
     images, labels = small_digits
     data = unshuffled(images, labels, 4)
     model = compiled(linear_network(images.shape[1:]), fisher_interval=2)
+    first = callbacks.FisherCallback(str(tmp_path))
+    model.fit(data, epochs=3, verbose=0, callbacks=[first])
+    after_one_epoch = first.samples[2]["cumulative_fisher_energy"]
+    recorder = callbacks.FisherCallback(str(tmp_path), verbose=False)
     model.fit(
-        data, epochs=1, verbose=0,
-        callbacks=[callbacks.FisherCallback(str(tmp_path))],
+        data, initial_epoch=1, epochs=2, verbose=0, callbacks=[recorder]
     )
-    assert len(read_samples(tmp_path)) == 3
-    recorder = callbacks.FisherCallback(str(tmp_path))
-    with pytest.warns(UserWarning, match="stopped after epoch 1, but "
-                      "training starts at epoch 3"):
-        model.fit(
-            data, initial_epoch=2, epochs=3, verbose=0, callbacks=[recorder],
-        )
     rows = read_samples(tmp_path)
     assert [(row["step"], row["epoch"]) for row in rows] == [
-        ("1", "3"), ("3", "3"), ("5", "3")
+        ("1", "1"), ("3", "1"), ("5", "1"), ("7", "2"), ("9", "2"),
+        ("11", "2"),
     ]
-    assert recorder.running.num_iterations == 6
+    assert float(rows[2]["cumulative_fisher_energy"]) == pytest.approx(
+        after_one_epoch
+    )
+    with open(tmp_path / callbacks.STATE_FILE) as file:
+        state = json.load(file)
+    assert [entry["epoch"] for entry in state["epochs"]] == [1, 2]
+    assert [entry["samples"] for entry in state["epochs"]] == [3, 6]
+
+
+def test_callback_without_folder_warns_when_started_late(small_digits):
+    images, labels = small_digits
+    model = compiled(linear_network(images.shape[1:]), fisher_interval=2)
+    with pytest.warns(UserWarning, match="starts C̄_K and L_K again at "
+                      "epoch 3: without an output_dir"):
+        model.fit(
+            unshuffled(images, labels, 4), initial_epoch=2, epochs=3,
+            verbose=0, callbacks=[callbacks.FisherCallback()],
+        )
 
 
 def test_callback_rejects_plain_keras_model(small_digits):

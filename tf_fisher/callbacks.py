@@ -107,11 +107,25 @@ class AppendingCSV:
 _INTEGER_COLUMNS = frozenset({"step", "epoch", "batch_size", "rank"})
 
 
-def _parsed_row(row):
-    """Return a `samples.csv` row read back as the dict the callback made."""
+class _CannotContinue(Exception):
+    """The reason that the records of an earlier run cannot be continued."""
+
+
+def _parsed_row(row, where="a row of samples.csv"):
+    """Return a `samples.csv` row read back as the dict the callback made.
+
+    Raises:
+        ValueError: naming `where` and the column, for a value that is not
+            a number.
+    """
     parsed = {}
     for key, text in row.items():
-        value = float(text) if text not in ("", None) else math.nan
+        try:
+            value = float(text) if text not in ("", None) else math.nan
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{where} has {text!r} in column {key!r}, not a number"
+            ) from None
         if key in _INTEGER_COLUMNS and math.isfinite(value):
             value = int(value)
         parsed[key] = value
@@ -137,7 +151,7 @@ def _make_folder(path, argument):
         raise OSError(
             error.errno,
             f"FisherCallback cannot create {argument}={path!r}: "
-            f"{error.strerror}. Pass a folder it can write",
+            f"{error.strerror}. Pass a folder it can write.",
         ) from error
 
 
@@ -187,13 +201,16 @@ class FisherCallback(keras.callbacks.Callback):
         diverged_at: None, or a message saying where training diverged.
 
     With an `output_dir`, the callback also writes `STATE_FILE` there at
-    each epoch end: the running measures and the number of rows after that
-    epoch. When a new instance's first epoch is not the first of training,
-    because `fit` was given `initial_epoch` or
-    `keras.callbacks.BackupAndRestore` resumed an interrupted run, and the
-    file records that the run stopped after the epoch before it, the callback
-    continues that run: it keeps the rows up to there, drops those of the
-    interrupted epoch, and restores C̄_K and L_K.
+    each epoch end: for every epoch so far, the running measures and the
+    number of rows after it. When a new instance's first epoch is not the
+    first of training, because `fit` was given `initial_epoch` or
+    `keras.callbacks.BackupAndRestore` resumed an interrupted run, the
+    callback continues the run recorded there: it keeps the rows written
+    before that epoch, drops the later ones, and restores C̄_K and L_K.
+    When the files cannot give them, it warns, keeps the earlier rows in
+    `samples.csv.bak` and starts again. The TensorBoard event files keep
+    the `batch_*` points that the dropped rows had, so TensorBoard shows
+    two values at those steps.
     """
 
     def __init__(
@@ -215,6 +232,8 @@ class FisherCallback(keras.callbacks.Callback):
             )
             self._state_path = os.path.join(output_dir, STATE_FILE)
         self._begun = False
+        # One entry per completed epoch, written to `STATE_FILE`.
+        self._state_entries = []
         self._writer = None
         if tensorboard_dir is not None:
             _make_folder(tensorboard_dir, "tensorboard_dir")
@@ -246,63 +265,126 @@ class FisherCallback(keras.callbacks.Callback):
         self._epoch_first_sample = len(self.samples)
 
     def _begin(self, epoch):
-        """Start the records at the instance's first epoch, continuing an
-        earlier run if `STATE_FILE` records that it stopped right before
-        `epoch`."""
+        """Start the records at the instance's first epoch, continuing the
+        run recorded in `STATE_FILE` when `epoch` is not the first."""
         self._begun = True
-        if self._csv is None:
+        if epoch == 0:
+            if self._csv is not None:
+                self._csv.open()
             return
 
-        state = self._saved_state() if epoch > 0 else None
-        if state is not None and state.get("epochs") != epoch:
+        if self._csv is None:
             warnings.warn(
-                f"{self._state_path} records a run that stopped after epoch "
-                f"{state.get('epochs')}, but training starts at epoch "
-                f"{epoch + 1}, so FisherCallback replaces "
-                f"{self._csv.path} and starts C̄_K and L_K again.",
+                f"FisherCallback starts C̄_K and L_K again at epoch "
+                f"{epoch + 1}: without an output_dir it has no record of "
+                "the earlier epochs. Pass output_dir to continue an "
+                "interrupted run.",
                 stacklevel=3,
             )
-            state = None
-        if state is None:
+            return
+        if not (
+            os.path.exists(self._csv.path)
+            or os.path.exists(self._state_path)
+        ):
+            # Nothing to continue: a run that starts late on purpose.
             self._csv.open()
             return
 
-        with open(self._csv.path, newline="") as file:
-            earlier_rows = list(csv.DictReader(file))[: state["samples"]]
-        self.running.restore(state["running"])
-        self.samples = [_parsed_row(row) for row in earlier_rows]
-        self._csv.open(earlier_rows)
+        try:
+            entries, rows = self._records_before(epoch)
+        except _CannotContinue as reason:
+            self._start_again(epoch, reason)
+            return
+        self.running.restore(entries[-1]["running"])
+        self._state_entries = entries
+        self.samples = [_parsed_row(row) for row in rows]
+        self._csv.open(rows)
         if self.verbose:
             print(
                 f"FisherCallback continues the run in {self._csv.path} "
-                f"after epoch {epoch}: {len(earlier_rows)} samples, C̄_K "
+                f"after epoch {epoch}: {len(rows)} samples, C̄_K "
                 f"{self.running.mean_condition_number:.4g}, L_K "
                 f"{self.running.cumulative_energy:.4g}."
             )
 
-    def _saved_state(self):
-        """Return the saved state, or None if there is none to continue."""
+    def _records_before(self, epoch):
+        """Return the state entries of epochs 1 to `epoch` and the CSV rows
+        written by then, as read.
+
+        Raises:
+            _CannotContinue: saying why, if the files cannot give them.
+        """
+        state_path, csv_path = self._state_path, self._csv.path
         try:
-            with open(self._state_path) as file:
-                state = json.load(file)
-            with open(self._csv.path, newline="") as file:
-                rows = sum(1 for _ in csv.DictReader(file))
-        except (OSError, ValueError):
-            return None
-        if not isinstance(state, dict) or rows < state.get("samples", 0):
-            return None
-        return state
+            with open(state_path) as file:
+                entries = json.load(file)["epochs"]
+            entries = [entry for entry in entries if entry["epoch"] <= epoch]
+            for entry in entries:
+                measures.RunningMeasures().restore(entry["running"])
+                int(entry["samples"])
+        except FileNotFoundError:
+            raise _CannotContinue(f"{state_path} is missing") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise _CannotContinue(
+                f"{state_path} cannot be read ({type(error).__name__}: "
+                f"{error})"
+            ) from None
+        if not entries or entries[-1]["epoch"] != epoch:
+            last = entries[-1]["epoch"] if entries else 0
+            raise _CannotContinue(
+                f"{state_path} records the epochs up to {last}, so it cannot "
+                f"give the measures after epoch {epoch}"
+            )
+        count = int(entries[-1]["samples"])
+        try:
+            with open(csv_path, newline="") as file:
+                rows = list(csv.DictReader(file))[:count]
+            for index, row in enumerate(rows):
+                _parsed_row(row, f"row {index + 1} of {csv_path}")
+        except FileNotFoundError:
+            raise _CannotContinue(f"{csv_path} is missing") from None
+        except (OSError, ValueError) as error:
+            raise _CannotContinue(str(error)) from None
+        if len(rows) < count:
+            raise _CannotContinue(
+                f"{csv_path} holds {len(rows)} rows, but {state_path} "
+                f"records {count} after epoch {epoch}"
+            )
+        return entries, rows
+
+    def _start_again(self, epoch, reason):
+        """Warn that the records cannot be continued, keep the earlier rows
+        beside the new file, and start the measures again."""
+        kept = ""
+        if os.path.exists(self._csv.path):
+            backup = self._csv.path + ".bak"
+            os.replace(self._csv.path, backup)
+            kept = f" The earlier rows are kept in {backup}."
+        warnings.warn(
+            f"FisherCallback cannot continue the run recorded in "
+            f"{os.path.dirname(self._csv.path) or '.'} at epoch {epoch + 1}: "
+            f"{reason}. It starts C̄_K and L_K again.{kept} To continue a "
+            "run, resume it at the epoch after one that it completed, with "
+            f"{STATE_FILE} and samples.csv as it left them.",
+            stacklevel=4,
+        )
+        self._csv.open()
 
     def _save_state(self, epoch):
+        """Add the measures after `epoch` to `STATE_FILE`, replacing those
+        of any later epoch that an earlier run recorded."""
         from tf_fisher import run
 
+        self._state_entries = [
+            entry for entry in self._state_entries if entry["epoch"] <= epoch
+        ]
+        self._state_entries.append({
+            "epoch": epoch + 1,
+            "samples": len(self.samples),
+            "running": self.running.state(),
+        })
         run.write_json_atomically(
-            self._state_path,
-            {
-                "epochs": epoch + 1,
-                "samples": len(self.samples),
-                "running": self.running.state(),
-            },
+            self._state_path, {"epochs": self._state_entries}
         )
 
     def on_train_batch_begin(self, batch, logs=None):

@@ -5,8 +5,9 @@ A run folder holds:
 * `config.json`: the resolved configuration, written before training.
 * `samples.csv`: one row per probed iteration (see
   `tf_fisher.callbacks.SAMPLE_COLUMNS`), flushed as it comes.
-* `fisher_state.json`: the running measures after the last epoch, which
-  `tf_fisher.FisherCallback` reads to continue an interrupted run.
+* `fisher_state.json`: the running measures and the number of rows after
+  each epoch, which `tf_fisher.FisherCallback` reads to continue an
+  interrupted run.
 * `epochs.csv`: one row per epoch (`EPOCH_COLUMNS`), flushed as it comes.
 * `tensorboard/`: event files; `train/` and `validation/` from Keras'
   TensorBoard callback, `fisher/` with the measures, and in the folder
