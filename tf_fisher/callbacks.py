@@ -192,7 +192,8 @@ class FisherCallback(keras.callbacks.Callback):
             it continues an interrupted run.
 
     Raises:
-        ValueError: if `output_dir` or `tensorboard_dir` is a file.
+        TypeError: if `output_dir` or `tensorboard_dir` is not a path.
+        ValueError: if either is a file.
         OSError: naming the folder, if it cannot be created.
 
     Attributes:
@@ -373,6 +374,7 @@ class FisherCallback(keras.callbacks.Callback):
     def _save_state(self, epoch):
         """Add the measures after `epoch` to `STATE_FILE`, replacing those
         of any later epoch that an earlier run recorded."""
+        # Imported here because `tf_fisher.run` imports this module.
         from tf_fisher import run
 
         self._state_entries = [
