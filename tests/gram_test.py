@@ -676,5 +676,27 @@ def test_shared_layer_is_rejected():
     model = keras.Model(inputs, shared(shared(inputs)))
     x = tf.ones([2, 3])
     y = tf.constant([0, 1])
-    with pytest.raises(NotImplementedError, match="more than once"):
+    with pytest.raises(NotImplementedError) as error:
         gram.gram_matrix(model, LOSS, x, y)
+    assert str(error.value).startswith(
+        f"Layer {shared.name!r} is called more than once in one forward pass"
+    )
+
+
+def test_shared_submodel_is_named():
+    """A siamese network calls its encoder twice: the message names the
+    encoder, not only the layer inside it."""
+    encoder = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4)], name="encoder"
+    )
+    inputs = keras.Input((6,))
+    pair = keras.layers.Concatenate()(
+        [encoder(inputs[:, :3]), encoder(inputs[:, 3:])]
+    )
+    model = keras.Model(inputs, keras.layers.Dense(3)(pair))
+    with pytest.raises(NotImplementedError) as error:
+        gram.gram_matrix(model, LOSS, tf.ones([2, 6]), tf.constant([0, 1]))
+    inner = encoder.layers[0].name
+    assert str(error.value).startswith(
+        f"Layer {inner!r} (in model 'encoder') is called more than once"
+    )

@@ -1176,6 +1176,20 @@ def _layer_gram(
     return _tape_gram(call, output_gradient)
 
 
+def _enclosing_model(model, layer):
+    """Return " (in model 'name')" for the outermost model inside `model`
+    that contains `layer`, such as the shared encoder of a siamese network,
+    or "" when `model` holds the layer itself."""
+    # NOTE: `_flatten_layers` is the private Keras 3.15 walk over the layers
+    # a layer tracks, nested ones included, outermost first.
+    for sublayer in model._flatten_layers(include_self=False):
+        if isinstance(sublayer, keras.Model) and any(
+            inner is layer for inner in sublayer._flatten_layers()
+        ):
+            return f" (in model {sublayer.name!r})"
+    return ""
+
+
 def check_traced_weights(model, calls):
     """Raise if the recorded calls do not cover each trainable weight once.
 
@@ -1187,7 +1201,8 @@ def check_traced_weights(model, calls):
         seen[id(call.layer)] = seen.get(id(call.layer), 0) + 1
         if seen[id(call.layer)] > 1:
             raise NotImplementedError(
-                f"Layer {call.layer.name!r} is called more than once in one "
+                f"Layer {call.layer.name!r}{_enclosing_model(model, call.layer)}"
+                " is called more than once in one "
                 "forward pass; per-example Gram blocks of shared layers are "
                 "not supported, so FisherModel cannot probe this model. "
                 "Give each call its own layer, or measure single batches "
