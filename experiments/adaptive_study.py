@@ -133,10 +133,7 @@ MODEL = "mlp"
 
 # Files that a run of this study writes into its folder. An unfinished
 # folder is deleted only if it contains nothing else.
-RUN_FILES = frozenset({
-    "config.json", "config.json.tmp", "samples.csv", "epochs.csv",
-    "decisions.csv", "summary.json.tmp", "tensorboard",
-})
+RUN_FILES = run.RUN_ENTRIES
 
 FIXED, SCHEDULE, ADAPTIVE = "fixed", "schedule", "adaptive"
 

@@ -100,17 +100,7 @@ def define_flags(flag_values=flags.FLAGS):
 
 # Files and folders that `tf_fisher.run.train` and the sweep write into a run
 # folder. An unfinished folder is deleted only if it contains nothing else.
-RUN_FOLDER_ENTRIES = frozenset(
-    {
-        "config.json",
-        "config.json.tmp",
-        "samples.csv",
-        "epochs.csv",
-        "summary.json.tmp",
-        "tensorboard",
-        "train.log",
-    }
-)
+RUN_FOLDER_ENTRIES = run.RUN_ENTRIES | {"train.log"}
 
 # A pool of worker processes trains this many runs per job, then a fresh
 # pool replaces it, which bounds any memory that TensorFlow keeps from run

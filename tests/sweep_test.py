@@ -269,6 +269,30 @@ def test_clear_run_folder(tmp_path):
     assert (folder / "notes.txt").exists()
 
 
+def test_interrupted_run_folder_is_cleared(tmp_path, digits):
+    """A real run's folder without its summary.json, as an interrupt after
+    the first epoch leaves it, holds only files that the sweep and the
+    adaptive study know, so both clear it to train the run again."""
+    from experiments import adaptive_study
+
+    folder = tmp_path / "run"
+    config = run.RunConfig(
+        epochs=1, batch_sizes=(512,), fisher_interval=4,
+        output_dir=str(folder),
+    )
+    run.train(config, splits=digits)
+    os.remove(folder / "summary.json")
+    names = set(os.listdir(folder))
+    assert {"samples.csv", "epochs.csv", "fisher_state.json"} <= names
+    adaptive_study.clear_unfinished(str(folder))
+    assert not folder.exists()
+    run.train(config, splits=digits)
+    os.remove(folder / "summary.json")
+    (folder / "train.log").write_text("log of the sweep's worker\n")
+    sweep.clear_run_folder(str(folder))
+    assert not folder.exists()
+
+
 def test_finished_summary_rejects_other_config(tmp_path):
     spec = study_lib.expand(small_study(), str(tmp_path))[0]
     os.makedirs(spec.config.output_dir)
