@@ -851,13 +851,23 @@ def test_tfds_truncated_shard_raises(tmp_path, no_network):
     assert no_network == []
 
 
-def test_tfds_truncated_metadata_raises(tmp_path, no_network):
+@pytest.mark.parametrize("damage", ["truncated", "fields_missing"])
+def test_tfds_damaged_metadata_raises(tmp_path, no_network, damage):
     builder, _ = _write_prepared_cifar10(tmp_path, {"train": 6, "test": 4})
     path = os.path.join(builder.data_dir, "dataset_info.json")
-    os.truncate(path, os.path.getsize(path) // 2)
+    if damage == "truncated":
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        # Valid JSON without a version.
+        with open(path, "w") as file:
+            file.write('{"name": "cifar10"}')
     for message in _cifar10_loader_errors(tmp_path):
         assert "cannot be read" in message
         assert "dataset_info.json is incomplete or invalid" in message
+        assert (
+            f"Delete or replace the version folder in {tmp_path}/cifar10."
+            in message
+        )
         assert f"tfds.builder('cifar10', data_dir='{tmp_path}')" in message
     assert no_network == []
 

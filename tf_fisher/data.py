@@ -465,12 +465,15 @@ def _tfds_builder(name: str, data_dir: str | None):
     tfds_name, _ = _TFDS_SOURCES[name]
     try:
         builder = tfds.builder(tfds_name, data_dir=data_dir)
-    except json_format.ParseError as error:
-        # A dataset_info.json cut short by an interrupted copy.
+    except (json_format.ParseError, AssertionError) as error:
+        # A dataset_info.json cut short by an interrupted copy, or one that
+        # is valid JSON but lacks fields: tensorflow-datasets 4.9.10 asserts
+        # that its version matches the builder's.
         root = data_dir or tfds.core.constants.get_default_data_dir()
         detail = (
             f"Its metadata file dataset_info.json is incomplete or invalid: "
-            f"{error} "
+            f"{str(error).rstrip('. ')}. Delete or replace the version "
+            f"folder in {os.path.join(root, tfds_name)}. "
         )
         raise DatasetNotFoundError(
             tfds_name, root, detail, damaged=True
