@@ -637,6 +637,43 @@ def test_report_bad_flag_exits_2_without_tensorflow():
     ]
 
 
+def visible_tick_labels(axis, minor=False):
+    """The non-empty labels of the ticks inside the axis limits."""
+    low, high = axis.get_view_interval()
+    if minor:
+        ticks, locations = axis.get_minor_ticks(), axis.get_minorticklocs()
+    else:
+        ticks, locations = axis.get_major_ticks(), axis.get_majorticklocs()
+    return [
+        tick.label1.get_text()
+        for tick, location in zip(ticks, locations)
+        if low <= location <= high and tick.label1.get_text()
+    ]
+
+
+def test_log_axes_label_narrow_range_plainly():
+    """C̄_K from 1.4e4 to 2.2e4 gets a few plain labels, where matplotlib
+    would label eight minor ticks in scientific notation; L_K over two
+    decades keeps the powers of ten."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots()
+    axes.plot([1.4e4, 1.8e4, 2.2e4], [1.0, 10.0, 100.0])
+    figures._log_axes(axes)
+    figure.canvas.draw()
+    labels = visible_tick_labels(axes.xaxis)
+    assert 2 <= len(labels) <= 6
+    for label in labels:
+        assert 1.3e4 <= float(label) <= 2.3e4
+    assert visible_tick_labels(axes.xaxis, minor=True) == []
+    assert axes.get_yscale() == "log"
+    assert visible_tick_labels(axes.yaxis) == [
+        "$\\mathdefault{10^{0}}$", "$\\mathdefault{10^{1}}$",
+        "$\\mathdefault{10^{2}}$",
+    ]
+    plt.close(figure)
+
+
 @pytest.mark.parametrize(
     "module", ["tools.analysis", "tools.claims", "tools.figures", "tools.runs"]
 )

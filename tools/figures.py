@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import ticker
 
 from tools import analysis
 from tools import runs as runs_lib
@@ -133,13 +134,31 @@ def optimum_region(configs, group, stem, neighbours=analysis.NEIGHBOURS):
                 textcoords="offset points", xytext=(4, 4), fontsize=7,
             )
     _mark_top(axes, points)
-    axes.set_xscale("log")
-    axes.set_yscale("log")
+    _log_axes(axes)
     axes.set_xlabel("final C̄_K")
     axes.set_ylabel("final L_K")
     axes.set_title(f"{group}: optimum region (numbers: batch size)")
     axes.legend(fontsize="small", loc="best")
     return save(figure, stem)
+
+
+def _log_axes(axes):
+    """Put both axes on a log scale, with plain labels on an axis that spans
+    less than a decade.
+
+    Matplotlib labels every minor tick of such an axis in scientific
+    notation, and on the C̄_K axis ("1.4×10^4", "1.5×10^4", ...) the labels
+    run into each other.
+    """
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.autoscale_view()
+    for axis in (axes.xaxis, axes.yaxis):
+        low, high = axis.get_view_interval()
+        if 0 < low and high < 10 * low:
+            axis.set_major_locator(ticker.MaxNLocator(nbins=5))
+            axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _mark_top(axes, points):
@@ -230,8 +249,7 @@ def travel_history(epochs, runs, group, learning_rate, stem):
             linestyle=style, marker="o", color=colour,
             label=line["schedule"].iloc[0],
         )
-    axes.set_xscale("log")
-    axes.set_yscale("log")
+    _log_axes(axes)
     axes.set_xlabel("C̄_K")
     axes.set_ylabel("L_K")
     axes.set_title(
