@@ -352,6 +352,19 @@ def test_nearest_configurations_brute_force(loaded):
     )
 
 
+def test_nearest_table_marks_diverged_runs(sweep_root, tmp_path):
+    """One of the two seeds of s8-lr0.1 diverged: its row among the
+    configurations nearest s8-lr0.05 says so, as the other tables do."""
+    path = report.write_report(
+        sweep_root, str(tmp_path / "report"), reference="s8-lr0.05"
+    )
+    with open(path) as file:
+        text = file.read()
+    table = text.split("Configurations nearest s8-lr0.05")[1].split("\n\n")[1]
+    (row,) = [line for line in table.splitlines() if "| s8-lr0.1 |" in line]
+    assert row.endswith("(1/2 diverged) |")
+
+
 def test_nearest_configurations_unknown_reference(loaded):
     _, configs, _ = loaded
     with pytest.raises(ValueError, match="s9-lr0.1"):

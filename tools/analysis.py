@@ -412,7 +412,8 @@ def nearest_configurations(configs, group, reference, k=5):
 
     Returns:
         A DataFrame of the `k` nearest configurations, nearest first, with
-        `label`, `distance`, the measures and the test error.
+        `label`, `distance`, the measures, the test error and the numbers
+        of diverged and of all runs.
 
     Raises:
         ValueError: if the reference is not a configuration of the group.
@@ -437,6 +438,7 @@ def nearest_configurations(configs, group, reference, k=5):
     columns = [
         "label", "distance", "mean_condition_number_mean",
         "cumulative_fisher_energy_mean", "test_error_mean", "test_error_std",
+        "num_diverged", "num_runs",
     ]
     return result.sort_values("distance")[columns].head(k).reset_index(
         drop=True

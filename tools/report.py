@@ -432,12 +432,15 @@ class _GroupSection:
             return
         display = nearest.assign(
             test_error=[
-                analysis.format_cell(mean, std, percent=True)
-                for mean, std in zip(
-                    nearest["test_error_mean"], nearest["test_error_std"]
+                analysis.format_cell(
+                    row.test_error_mean, row.test_error_std,
+                    row.num_diverged, row.num_runs, percent=True,
                 )
+                for row in nearest.itertuples()
             ]
-        ).drop(columns=["test_error_mean", "test_error_std"]).rename(
+        ).drop(columns=[
+            "test_error_mean", "test_error_std", "num_diverged", "num_runs",
+        ]).rename(
             columns={
                 "mean_condition_number_mean": "C̄_K",
                 "cumulative_fisher_energy_mean": "L_K",
