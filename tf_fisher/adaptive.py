@@ -254,9 +254,10 @@ def train_adaptive(config, policy, splits=None):
         dict(dataclasses.asdict(config), adaptive=policy.describe()),
     )
     logging.info(
-        "Training %s on %s for %d epochs with the %s batch-size policy "
+        "Training %s on %s for %d epoch%s with the %s batch-size policy "
         "(batch sizes %d to %d, first %d) into %s",
-        config.model, config.dataset, config.epochs, policy.name,
+        config.model, config.dataset, config.epochs,
+        "" if config.epochs == 1 else "s", policy.name,
         policy.min_batch_size, policy.max_batch_size, config.batch_sizes[0],
         config.output_dir,
     )

@@ -638,9 +638,11 @@ def train(config, splits=None, model_class=FisherModel):
         dataclasses.asdict(config),
     )
     logging.info(
-        "Training %s on %s (%d train, %d test examples) for %d epochs into %s",
+        "Training %s on %s (%d train, %d test examples) for %d epoch%s "
+        "into %s",
         config.model, config.dataset, splits.num_train,
-        len(splits.test_labels), config.epochs, config.output_dir,
+        len(splits.test_labels), config.epochs,
+        "" if config.epochs == 1 else "s", config.output_dir,
     )
     model = build_fisher_model(config, splits, model_class)
     write_hparams(config, augmentation=data.augmentation_name(splits))

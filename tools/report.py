@@ -314,8 +314,8 @@ class _GroupSection:
         if table.empty:
             return
         self.writer.table(
-            "Dynamic (-∅) and multi-step (-MS) schedules (bold: best of "
-            "each kind)",
+            "Dynamic schedules (no suffix) and multi-step ones (-MS), "
+            "bold: best of each kind",
             table,
             analysis.schedule_table(self.configs, self.group, markdown=False),
             f"{self.group}_schedules", index=False,
