@@ -313,7 +313,7 @@ class LeakyProjection(keras.layers.Layer):
 
 def test_fallback_layer_with_deterministic_rate_matches_loop():
     """A `rate` attribute marks a layer as random only when the layer also
-    holds a seed generator, as Keras' random layers do."""
+    has a seed generator, as Keras' random layers do."""
     inputs = keras.Input((6,))
     hidden = LeakyProjection(5, name="leaky")(inputs)
     network = keras.Model(inputs, keras.layers.Dense(3)(hidden))

@@ -797,9 +797,13 @@ def read_samples(folder, name="samples.csv"):
 
 
 def stop_and_resume(images, labels, folder, stop, **callback_arguments):
-    """Train 4 epochs with BackupAndRestore, stopped by `stop` (listed after
-    the FisherCallback, before the backup), then again with a new model
-    and callback; return the second callback and its history."""
+    """Train 4 epochs with BackupAndRestore until `stop` raises, then train
+    again with a new model and callback, and return that callback and its
+    history.
+
+    `stop` comes after the FisherCallback and before the backup, so it can
+    raise after the callback has saved an epoch that the backup has not.
+    """
     data = unshuffled(images, labels, 4)
     backup = keras.callbacks.BackupAndRestore(str(folder / "backup"))
     model = compiled(linear_network(images.shape[1:]), fisher_interval=2)
@@ -894,7 +898,7 @@ def test_callback_keeps_rows_it_cannot_continue(small_digits, tmp_path,
 
     expected = {
         "no_state": f"{state_path} is missing.",
-        "short_csv": f"{path} holds 2 rows, but {state_path} records 3 "
+        "short_csv": f"{path} contains 2 rows, but {state_path} records 3 "
                      "after epoch 1.",
         "bad_value": f"row 2 of {path} has 'abc",
     }[damage]

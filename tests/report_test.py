@@ -353,8 +353,9 @@ def test_nearest_configurations_brute_force(loaded):
 
 
 def test_nearest_table_marks_diverged_runs(sweep_root, tmp_path):
-    """One of the two seeds of s8-lr0.1 diverged: its row among the
-    configurations nearest s8-lr0.05 says so, as the other tables do."""
+    """One of the two seeds of s8-lr0.1 diverged, so its row among the
+    configurations nearest s8-lr0.05 ends in "(1/2 diverged)", as in the
+    other tables."""
     path = report.write_report(
         sweep_root, str(tmp_path / "report"), reference="s8-lr0.05"
     )
@@ -691,8 +692,9 @@ def test_log_axes_label_narrow_range_plainly():
     "module", ["tools.analysis", "tools.claims", "tools.figures", "tools.runs"]
 )
 def test_library_module_run_as_command_exits_2(module):
-    """Run with -m, a module that only the report uses says so, rather
-    than exit 0 having written nothing."""
+    """Run with -m, a module that only the report uses prints an error
+    that points to tools.report and exits 2, rather than exit 0 having
+    written nothing."""
     result = subprocess.run(
         [sys.executable, "-m", module], check=False,
         capture_output=True, text=True, timeout=300,

@@ -292,13 +292,13 @@ class FisherCallback(keras.callbacks.Callback):
             return
 
         try:
-            entries, rows = self._records_before(epoch)
+            entries, rows, samples = self._records_before(epoch)
         except _CannotContinue as reason:
             self._start_again(epoch, reason)
             return
         self.running.restore(entries[-1]["running"])
         self._state_entries = entries
-        self.samples = [_parsed_row(row) for row in rows]
+        self.samples = samples
         self._csv.open(rows)
         if self.verbose:
             print(
@@ -309,8 +309,8 @@ class FisherCallback(keras.callbacks.Callback):
             )
 
     def _records_before(self, epoch):
-        """Return the state entries of epochs 1 to `epoch` and the CSV rows
-        written by then, as read.
+        """Return the state entries of epochs 1 to `epoch`, and the CSV rows
+        written by then both as read and as `samples` dicts.
 
         Raises:
             _CannotContinue: saying why, if the files cannot give them.
@@ -340,33 +340,35 @@ class FisherCallback(keras.callbacks.Callback):
         try:
             with open(csv_path, newline="") as file:
                 rows = list(csv.DictReader(file))[:count]
-            for index, row in enumerate(rows):
+            samples = [
                 _parsed_row(row, f"row {index + 1} of {csv_path}")
+                for index, row in enumerate(rows)
+            ]
         except FileNotFoundError:
             raise _CannotContinue(f"{csv_path} is missing") from None
         except (OSError, ValueError) as error:
             raise _CannotContinue(str(error)) from None
         if len(rows) < count:
             raise _CannotContinue(
-                f"{csv_path} holds {len(rows)} rows, but {state_path} "
+                f"{csv_path} contains {len(rows)} rows, but {state_path} "
                 f"records {count} after epoch {epoch}"
             )
-        return entries, rows
+        return entries, rows, samples
 
     def _start_again(self, epoch, reason):
         """Warn that the records cannot be continued, keep the earlier rows
         beside the new file, and start the measures again."""
-        kept = ""
+        backup_note = ""
         if os.path.exists(self._csv.path):
             backup = self._csv.path + ".bak"
             os.replace(self._csv.path, backup)
-            kept = f" The earlier rows are kept in {backup}."
+            backup_note = f" The earlier rows are kept in {backup}."
         warnings.warn(
             f"FisherCallback cannot continue the run recorded in "
             f"{os.path.dirname(self._csv.path) or '.'} at epoch {epoch + 1}: "
-            f"{reason}. It starts C̄_K and L_K again.{kept} To continue a "
-            "run, resume it at the epoch after one that it completed, with "
-            f"{STATE_FILE} and samples.csv as it left them.",
+            f"{reason}. It starts C̄_K and L_K again.{backup_note} To "
+            "continue a run, resume it at the epoch after one that it "
+            f"completed, with {STATE_FILE} and samples.csv as it left them.",
             stacklevel=4,
         )
         self._csv.open()

@@ -1054,9 +1054,9 @@ def _random_setting(layer):
     """Return `(sublayer, attribute, value)` for the first layer in `layer`
     (itself included) that draws random numbers in training, or None.
 
-    A layer counts when it holds a `keras.random.SeedGenerator`, as Keras'
-    random layers and RNN cells do, and one of `_RANDOM_ATTRIBUTES` is
-    positive: a custom layer may use `rate` for something else.
+    A layer counts when it has a `keras.random.SeedGenerator` attribute, as
+    Keras' random layers and RNN cells do, and one of `_RANDOM_ATTRIBUTES`
+    is positive. A custom layer may use `rate` for something else.
     """
     # NOTE: `_flatten_layers` is the private Keras 3.15 walk over a layer
     # and the layers it tracks, such as the cell of an LSTM.
@@ -1179,7 +1179,7 @@ def _layer_gram(
 def _enclosing_model(model, layer):
     """Return " (in model 'name')" for the outermost model inside `model`
     that contains `layer`, such as the shared encoder of a siamese network,
-    or "" when `model` holds the layer itself."""
+    or "" when the layer belongs to `model` itself."""
     # NOTE: `_flatten_layers` is the private Keras 3.15 walk over the layers
     # a layer tracks, nested ones included, outermost first.
     for sublayer in model._flatten_layers(include_self=False):

@@ -224,7 +224,7 @@ RUN_FILES = (
 
 # Everything a run may leave in its folder: `RUN_FILES` and the temporary
 # files of its atomic writes, which an interrupt can leave behind. A sweep
-# deletes an unfinished run folder only if it holds nothing else.
+# deletes an unfinished run folder only if it contains nothing else.
 RUN_ENTRIES = frozenset(RUN_FILES) | {
     f"{name}.tmp"
     for name in ("config.json", "summary.json", fisher_callbacks.STATE_FILE)

@@ -11,8 +11,9 @@ _LIBRARY_MODULES = {
 }
 
 
-def refuse_to_run(module):
-    """Explain on stderr that `module` is not a program, and return 2.
+def print_not_a_command(module):
+    """Print an error on stderr that `module` is not a command, and return
+    the exit status 2.
 
     `python -m tools.figures` would otherwise define its functions and exit
     0 without a word, as if it had written the figures.

@@ -634,4 +634,4 @@ def travel_history(epochs, runs, group, learning_rate):
 if __name__ == "__main__":
     import tools
 
-    raise SystemExit(tools.refuse_to_run("tools.analysis"))
+    raise SystemExit(tools.print_not_a_command("tools.analysis"))

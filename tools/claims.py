@@ -206,4 +206,4 @@ def check_claims(configs, ranking, group, num_epochs):
 if __name__ == "__main__":
     import tools
 
-    raise SystemExit(tools.refuse_to_run("tools.claims"))
+    raise SystemExit(tools.print_not_a_command("tools.claims"))

@@ -299,4 +299,4 @@ def _schedule_order(schedule):
 if __name__ == "__main__":
     import tools
 
-    raise SystemExit(tools.refuse_to_run("tools.figures"))
+    raise SystemExit(tools.print_not_a_command("tools.figures"))

@@ -218,4 +218,4 @@ def load_samples(root, runs):
 if __name__ == "__main__":
     import tools
 
-    raise SystemExit(tools.refuse_to_run("tools.runs"))
+    raise SystemExit(tools.print_not_a_command("tools.runs"))
