@@ -84,6 +84,37 @@ def test_summary_ratios_overhead_and_interval():
     )["interval_for_target"] == 1
 
 
+def test_summary_eigenvalue_overhead():
+    """The faster eigenvalue solver's time over N plain steps, kept out of
+    the variants."""
+    results = {
+        "plain": {"median_ms": 10.0, "median_cpu_ms": 20.0},
+        "fast": {"median_ms": 13.0, "median_cpu_ms": 30.0},
+        "eigenvalues": {
+            "tensorflow_ms": 4.0, "lapack_ms": 2.5,
+            "largest_difference": 1e-15,
+        },
+    }
+    summary = benchmark.summarise_cell(results, interval=50)
+    assert "eigenvalues" in results
+    assert "eigenvalues" not in summary["variants"]
+    # 2.5 ms over 50 plain steps of 10 ms.
+    assert summary["eigenvalues"]["epoch_overhead"] == pytest.approx(0.005)
+    assert summary["eigenvalues"]["tensorflow_ms"] == 4.0
+    report = {
+        "settings": {"interval": 50, "overhead_target": 0.02},
+        "results": [dict(summary, model="mlp", batch_size=512)],
+    }
+    header, _, row = benchmark.format_eigenvalue_table(report).splitlines()
+    assert "N=50" in header
+    columns = [column.strip() for column in row.strip("|").split("|")]
+    assert columns == [
+        "mlp", "512", "10.0", "3.0", "4.0", "2.5", "0.50%", "0.60%"
+    ]
+    report["results"][0].pop("eigenvalues")
+    assert benchmark.format_eigenvalue_table(report) == ""
+
+
 def test_cell_timing_and_table_row(digits):
     settings = {
         "repeats": 2, "warmup": 1, "memory_repeats": 1,
@@ -93,6 +124,11 @@ def test_cell_timing_and_table_row(digits):
     results = benchmark.time_cell(
         "mlp", 4, ["plain", "unprobed", "fast", "loop"], {}, settings, digits
     )
+    eigenvalues = results.pop("eigenvalues")
+    assert eigenvalues["tensorflow_ms"] > 0
+    assert eigenvalues["lapack_ms"] > 0
+    # TensorFlow's and LAPACK's spectra of the same float64 matrix.
+    assert eigenvalues["largest_difference"] < 1e-10
     assert set(results) == {
         "plain", "unprobed", "fast", "after_probe", "loop"
     }

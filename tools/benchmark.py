@@ -43,6 +43,13 @@ steps. The table also gives the smallest N that keeps the overhead at most
 step, because they run the same ops. The `unprobed` ratio shows how close
 the two were in the run.
 
+Where `fast` is timed, the tool also times the eigenvalues alone, on the
+float64 Gram matrix of the same batch: `tf.linalg.eigvalsh`, which the
+probed step runs, and LAPACK's `syevd` through SciPy (`time_eigenvalues`).
+The exact spectrum is the part of the probe that grows as B^3, and this
+second table shows what the faster of the two would add to an epoch at N
+by itself, next to what the whole probe adds.
+
 Memory is the peak of the bytes that TensorFlow's CPU allocator holds for
 tensors during one step minus the bytes it held just before it, in MiB
 (2^20 bytes), from the allocator's statistics
@@ -96,6 +103,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
+import scipy.linalg
 import tensorflow as tf
 
 from tf_fisher import cli
@@ -541,10 +549,62 @@ def time_cell(model_name, batch_size, variants, previous, settings, digits):
             # True when Keras compiled the model's unprobed steps with XLA.
             "jit_compile": bool(model.jit_compile),
         }
+    if "fast" in runners:
+        results["eigenvalues"] = time_eigenvalues(
+            runners["fast"].network, x, y, settings["repeats"]
+        )
     del runners
     keras.backend.clear_session()
     gc.collect()
     return results
+
+
+def time_eigenvalues(network, x, y, repeats):
+    """Time the eigenvalues of the batch's Gram matrix alone, two ways.
+
+    The probe needs every eigenvalue of the float64 B x B matrix, to find
+    the smallest nonzero one. This times `tf.linalg.eigvalsh` compiled in
+    a `tf.function`, as the probed step runs it, and LAPACK's `syevd`
+    driver through SciPy, the fastest symmetric eigenvalue driver that
+    SciPy offers, on the Gram matrix of `x` and `y` for `network`. Both
+    solvers run their tridiagonal reduction on one thread, so the time
+    they take is a floor for any probe that computes the eigenvalues
+    exactly inside the step.
+
+    Returns:
+        Dict with the median wall times in ms (`tensorflow_ms`,
+        `lapack_ms`) of `repeats` calls each, interleaved, and
+        `largest_difference`, the largest difference between the two
+        spectra over the largest eigenvalue.
+    """
+    matrix = gram.gram_matrix(network, _loss(), x, y)
+    compiled_eigvalsh = tf.function(tf.linalg.eigvalsh)
+    host_matrix = matrix.numpy()
+
+    def lapack_eigenvalues():
+        return scipy.linalg.eigh(
+            host_matrix, eigvals_only=True, driver="evd", check_finite=False
+        )
+
+    # The first calls trace the function and load LAPACK; untimed.
+    from_tensorflow = compiled_eigvalsh(matrix).numpy()
+    from_lapack = lapack_eigenvalues()
+    times = {"tensorflow": [], "lapack": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        compiled_eigvalsh(matrix).numpy()
+        times["tensorflow"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        lapack_eigenvalues()
+        times["lapack"].append(time.perf_counter() - start)
+    scale = max(float(np.max(np.abs(from_lapack))), np.finfo(float).tiny)
+    return {
+        "tensorflow_ms": 1e3 * statistics.median(times["tensorflow"]),
+        "lapack_ms": 1e3 * statistics.median(times["lapack"]),
+        "largest_difference": float(
+            np.max(np.abs(from_tensorflow - from_lapack)) / scale
+        ),
+    }
 
 
 def _model_settings(settings):
@@ -703,7 +763,12 @@ def _time_rounds(runners, batches, repeats, seed):
 def summarise_cell(results, interval, overhead_target=0.02):
     """Add ratios to `plain`, the loop speed-up, the epoch overhead at
     `interval`, and the smallest interval whose overhead is at most
-    `overhead_target`."""
+    `overhead_target`. The eigenvalue times of `time_eigenvalues`, under
+    the key "eigenvalues" of `results` when present, move to the summary
+    with their own overhead at `interval`: the fastest of them over
+    `interval` plain steps."""
+    results = dict(results)
+    eigenvalues = results.pop("eigenvalues", None)
     plain = results["plain"]["median_ms"]
     plain_cpu = results["plain"]["median_cpu_ms"]
     for result in results.values():
@@ -728,6 +793,11 @@ def summarise_cell(results, interval, overhead_target=0.02):
         summary["epoch_overhead"] = probe_cost / (interval * plain)
         summary["interval_for_target"] = max(
             1, math.ceil(probe_cost / (overhead_target * plain))
+        )
+    if eigenvalues is not None:
+        fastest = min(eigenvalues["tensorflow_ms"], eigenvalues["lapack_ms"])
+        summary["eigenvalues"] = dict(
+            eigenvalues, epoch_overhead=fastest / (interval * plain)
         )
     return summary
 
@@ -810,6 +880,37 @@ def format_table(report):
     )
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     lines.extend(_table_row(cell) for cell in report["results"])
+    return "\n".join(lines)
+
+
+def format_eigenvalue_table(report):
+    """Return the eigenvalue times as a Markdown table, or "" when no cell
+    has them."""
+    cells = [cell for cell in report["results"] if "eigenvalues" in cell]
+    if not cells:
+        return ""
+    interval = report["settings"]["interval"]
+    header = (
+        "| model | batch | plain ms | probe cost ms | eigvalsh ms "
+        "| LAPACK syevd ms | fastest eigenvalues alone at "
+        f"N={interval} | probe at N={interval} |"
+    )
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
+    for cell in cells:
+        eigenvalues = cell["eigenvalues"]
+        probe_cost = cell.get("probe_cost_ms")
+        overhead = cell.get("epoch_overhead")
+        columns = [
+            cell["model"],
+            str(cell["batch_size"]),
+            _time_column(cell["variants"], "plain", with_ratio=False),
+            "-" if probe_cost is None else f"{probe_cost:.1f}",
+            f"{eigenvalues['tensorflow_ms']:.1f}",
+            f"{eigenvalues['lapack_ms']:.1f}",
+            f"{100 * eigenvalues['epoch_overhead']:.2f}%",
+            "-" if overhead is None else f"{100 * overhead:.2f}%",
+        ]
+        lines.append("| " + " | ".join(columns) + " |")
     return "\n".join(lines)
 
 
@@ -992,6 +1093,10 @@ def main(argv):
         write_json_atomically(FLAGS.output, report)
     print(json.dumps(report, indent=2))
     print(format_table(report))
+    eigenvalue_table = format_eigenvalue_table(report)
+    if eigenvalue_table:
+        print()
+        print(eigenvalue_table)
 
 
 if __name__ == "__main__":
