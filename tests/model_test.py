@@ -608,11 +608,16 @@ def test_fit_keeps_jit_compile(small_digits):
     assert not any("jit_compile" in message for message in messages)
 
 
-def test_probe_rank_at_most_parameters():
+@pytest.mark.parametrize("float64_up_to", [0, 4096])
+def test_probe_rank_at_most_parameters(monkeypatch, float64_up_to):
     """A one-unit head on a frozen base has 9 parameters, so at batch 32 the
-    Gram matrix has rank 9. Its float32 round-off leaves 23 eigenvalues
-    near 1e-8 λ_max, above the default tolerance; the probe drops them and
-    its c_k matches a float64 per-example loop."""
+    Gram matrix has rank 9. From float32 products (float64_up_to=0), the
+    round-off leaves 23 eigenvalues near 1e-8 λ_max, above the default
+    tolerance, and the P bound drops them. Either way c_k matches a float64
+    per-example loop."""
+    monkeypatch.setattr(
+        gram, "FLOAT64_PRODUCTS_MAX_PARAMETERS", float64_up_to
+    )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 20)).astype(np.float32)
     y = rng.integers(0, 2, (32, 1)).astype(np.float32)
@@ -647,6 +652,96 @@ def test_probe_rank_at_most_parameters():
     assert values["condition_number"] == pytest.approx(
         math.sqrt(eigenvalues[-1] / eigenvalues[0]), rel=1e-4
     )
+
+
+def _softmax_head_jacobian(x, y, kernel, bias):
+    """J of a Dense softmax head in float64, one row per example: the
+    per-example gradient of cross-entropy, (p - onehot(y)) ⊗ [x, 1]."""
+    logits = x.astype(np.float64) @ kernel + bias
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    probabilities[np.arange(len(y)), y] -= 1.0
+    inputs = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    return np.einsum("bi,bj->bij", inputs, probabilities).reshape(len(x), -1)
+
+
+def test_probe_rank_of_softmax_head():
+    """A Dense(10) head on 15 features has P = 160, but softmax gradients
+    sum to zero over the classes, so J has rank (15 + 1) * 9 = 144 at batch
+    256. The probe counts 144 and its c_k matches a float64 J; from float32
+    products it counted 160 with c_k near 8,000 instead of 9.4."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(256, 15)).astype(np.float32)
+    y = rng.integers(0, 10, size=256).astype(np.int32)
+    inputs = keras.Input((15,))
+    network = keras.Model(inputs, keras.layers.Dense(10)(inputs))
+    kernel, bias = (np.asarray(w, np.float64) for w in network.weights)
+    jacobian = _softmax_head_jacobian(x, y, kernel, bias)
+    eigenvalues = np.linalg.eigvalsh(jacobian @ jacobian.T)
+    assert np.linalg.matrix_rank(jacobian) == 144
+    assert gram.product_dtype(160) == tf.float64
+
+    model = FisherModel(network, fisher_interval=1)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, batch_size=256, epochs=1, verbose=0, shuffle=False)
+    values = model.read_probe_values()
+    assert values["rank"] == 144
+    assert values["lambda_max"] == pytest.approx(eigenvalues[-1], rel=1e-5)
+    assert values["lambda_min"] == pytest.approx(eigenvalues[-144], rel=1e-4)
+    assert values["condition_number"] == pytest.approx(
+        math.sqrt(eigenvalues[-1] / eigenvalues[-144]), rel=1e-4
+    )
+
+    matrix = gram.gram_matrix(
+        network, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        x, y,
+    ).numpy()
+    ranked = measures.spectrum_statistics(tf.constant(matrix), max_rank=160)
+    assert float(ranked["rank"]) == 144
+
+
+def test_batch_near_parameters_warns_once():
+    """Above `FLOAT64_PRODUCTS_MAX_PARAMETERS` the products are float32, and
+    a batch of at least P / 4 examples gets one warning that names the
+    tolerance to pass."""
+    assert gram.product_dtype(gram.FLOAT64_PRODUCTS_MAX_PARAMETERS) == (
+        tf.float64
+    )
+    assert gram.product_dtype(gram.FLOAT64_PRODUCTS_MAX_PARAMETERS + 1) == (
+        tf.float32
+    )
+    assert gram.product_dtype(768_010) == tf.float32
+
+    rng = np.random.default_rng(1)
+    # Dense(10) on 511 features: P = 5,120, so batches of 1,280 warn.
+    x = rng.normal(size=(2 * 1280, 511)).astype(np.float32)
+    y = rng.integers(0, 10, size=len(x)).astype(np.int32)
+    inputs = keras.Input((511,))
+    network = keras.Model(inputs, keras.layers.Dense(10)(inputs))
+    model = FisherModel(network, fisher_interval=1)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            x, y, batch_size=1280, epochs=1, verbose=0,
+            callbacks=[callbacks.FisherCallback()],
+        )
+    messages = [
+        str(w.message) for w in caught if "independent columns" in str(w.message)
+    ]
+    assert len(messages) == 1
+    assert "1280 examples" in messages[0]
+    assert "5120 trainable parameters" in messages[0]
+    assert "eigenvalue_tolerance=1e-7" in messages[0]
+    assert gram.rank_warning(5120, 1279, tf.float32) is None
+    assert gram.rank_warning(160, 256, tf.float64) is None
 
 
 # FisherCallback.

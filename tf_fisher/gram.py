@@ -408,8 +408,10 @@ def _blocked_row_products(matrix):
     ], axis=0)
 
 
-def _row_products(matrix):
-    """M Mᵀ, `[rows, rows]`, of a `[rows, columns]` matrix."""
+def _row_products(matrix, dtype=tf.float32):
+    """M Mᵀ, `[rows, rows]`, of a `[rows, columns]` matrix, formed in
+    `dtype`."""
+    matrix = tf.cast(matrix, dtype)
     rows, columns = matrix.shape
     if columns is None or columns < _BLOCKED_PRODUCT_COLUMNS:
         return _batched_product(matrix, matrix)
@@ -424,18 +426,20 @@ def _row_products(matrix):
     )
 
 
-def _pairwise_gram(inputs, gradients):
-    """Σ_{t,s} (a_it · a_js)(g_it · g_js), `[batch, batch]`."""
+def _pairwise_gram(inputs, gradients, dtype=tf.float32):
+    """Σ_{t,s} (a_it · a_js)(g_it · g_js), `[batch, batch]`, in `dtype`."""
     if inputs.shape[1] == 1:
-        return _row_products(inputs[:, 0, :]) * _row_products(
-            gradients[:, 0, :]
+        return _row_products(inputs[:, 0, :], dtype) * _row_products(
+            gradients[:, 0, :], dtype
         )
+    inputs = tf.cast(inputs, dtype)
+    gradients = tf.cast(gradients, dtype)
     a_products = tf.einsum("itd,jsd->ijts", inputs, inputs)
     g_products = tf.einsum("itd,jsd->ijts", gradients, gradients)
     return tf.reduce_sum(a_products * g_products, axis=[2, 3])
 
 
-def _flat_gram(per_example):
+def _flat_gram(per_example, dtype=tf.float32):
     """Gram matrix `[batch, batch]` of per-example tensors `[batch, ...]`.
 
     The row length stays static when the per-example shape is known, even
@@ -445,7 +449,7 @@ def _flat_gram(per_example):
     trailing = per_example.shape[1:]
     columns = -1 if None in trailing else math.prod(trailing)
     return _row_products(
-        tf.reshape(per_example, [tf.shape(per_example)[0], columns])
+        tf.reshape(per_example, [tf.shape(per_example)[0], columns]), dtype
     )
 
 
@@ -468,17 +472,20 @@ def linear_gram(inputs, gradients):
     return _linear_block(inputs, gradients)[0]
 
 
-def _linear_block(inputs, gradients):
-    """Return `linear_gram` and the summed weight gradient `[d_in, d_out]`,
-    or None in its place when the pairwise form avoided forming it."""
+def _linear_block(inputs, gradients, dtype=tf.float32):
+    """Return `linear_gram`, formed in `dtype`, and the summed weight
+    gradient `[d_in, d_out]`, or None in its place when the pairwise form
+    avoided forming it."""
     form = linear_gram_form(
         _static_batch(inputs), inputs.shape[1], inputs.shape[2],
         gradients.shape[2],
     )
     if form == "pairwise":
-        return _pairwise_gram(inputs, gradients), None
+        return _pairwise_gram(inputs, gradients, dtype), None
     per_example = tf.einsum("itd,ite->ide", inputs, gradients)
-    return _flat_gram(per_example), tf.reduce_sum(per_example, axis=0)
+    return (
+        _flat_gram(per_example, dtype), tf.reduce_sum(per_example, axis=0)
+    )
 
 
 def _as_positions(tensor):
@@ -502,7 +509,9 @@ def _has_trainable_bias(layer):
     return layer.bias is not None and layer.bias.trainable
 
 
-def _dense_gram(layer, inputs, output, output_gradient, kernel_gradients):
+def _dense_gram(
+    layer, inputs, output, output_gradient, kernel_gradients, dtype
+):
     gradient = tf.cast(
         _pre_activation_gradient(layer, inputs, output, output_gradient),
         tf.float32,
@@ -514,18 +523,18 @@ def _dense_gram(layer, inputs, output, output_gradient, kernel_gradients):
     has_bias = _has_trainable_bias(layer)
     if a.shape[1] == 1 and has_kernel:
         # Kernel and bias together: ((A Aᵀ) + 1) ⊙ (G Gᵀ).
-        input_products = _row_products(a[:, 0, :])
+        input_products = _row_products(a[:, 0, :], dtype)
         if has_bias:
             input_products += 1.0
-        return input_products * _row_products(g[:, 0, :])
-    gram = tf.zeros([tf.shape(a)[0]] * 2)
+        return input_products * _row_products(g[:, 0, :], dtype)
+    gram = tf.zeros([tf.shape(a)[0]] * 2, dtype)
     if has_kernel:
-        block, kernel_gradient = _linear_block(a, g)
+        block, kernel_gradient = _linear_block(a, g, dtype)
         gram += block
         if kernel_gradient is not None:
             kernel_gradients[id(layer.kernel)] = kernel_gradient
     if has_bias:
-        gram += _flat_gram(tf.reduce_sum(g, axis=1))
+        gram += _flat_gram(tf.reduce_sum(g, axis=1), dtype)
     return gram
 
 
@@ -730,15 +739,17 @@ def _examples_first(grouped, layer, chunk):
     )
 
 
-def _conv_gram(layer, inputs, output, output_gradient, kernel_gradients):
+def _conv_gram(
+    layer, inputs, output, output_gradient, kernel_gradients, dtype
+):
     gradient = tf.cast(
         _pre_activation_gradient(layer, inputs, output, output_gradient),
         tf.float32,
     )
     inputs = tf.cast(inputs, tf.float32)
-    gram = tf.zeros([tf.shape(inputs)[0]] * 2)
+    gram = tf.zeros([tf.shape(inputs)[0]] * 2, dtype)
     if _has_trainable_bias(layer):
-        gram += _flat_gram(tf.reduce_sum(gradient, axis=[1, 2]))
+        gram += _flat_gram(tf.reduce_sum(gradient, axis=[1, 2]), dtype)
     if not layer.kernel.trainable:
         return gram
     kernel_height, kernel_width = layer.kernel_size
@@ -760,11 +771,11 @@ def _conv_gram(layer, inputs, output, output_gradient, kernel_gradients):
         kernel_gradients[id(layer.kernel)] = tf.reduce_sum(per_example, axis=0)
         # Padding rows are zero; cut their rows and columns off the block.
         batch = tf.shape(inputs)[0]
-        return gram + _flat_gram(per_example)[:batch, :batch]
+        return gram + _flat_gram(per_example, dtype)[:batch, :batch]
     patches = _conv_patches(layer, inputs)
     a = _with_static_positions(_as_positions(patches), patches)
     g = _with_static_positions(_as_positions(gradient), gradient)
-    block, kernel_gradient = _linear_block(a, g)
+    block, kernel_gradient = _linear_block(a, g, dtype)
     if kernel_gradient is not None:
         kernel_gradients[id(layer.kernel)] = tf.reshape(
             kernel_gradient, layer.kernel.shape
@@ -870,15 +881,16 @@ def _trainable_contributions(layer, gamma_sums, beta_sums):
 
 
 def _batch_norm_gram(
-    layer, inputs, output_gradient, moments=None, mask=None
+    layer, inputs, output_gradient, moments=None, mask=None,
+    dtype=tf.float32,
 ):
     _check_batch_norm(layer)
     contributions = _batch_norm_contributions(
         layer, inputs, output_gradient, moments, mask
     )
     if not contributions:
-        return tf.zeros([tf.shape(inputs)[0]] * 2)
-    return _flat_gram(tf.concat(contributions, axis=1))
+        return tf.zeros([tf.shape(inputs)[0]] * 2, dtype)
+    return _flat_gram(tf.concat(contributions, axis=1), dtype)
 
 
 def _check_batch_norm(layer):
@@ -942,19 +954,22 @@ def _is_closed_form(layer):
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
-def _closed_form_gram(call, output_gradient, kernel_gradients, moments):
+def _closed_form_gram(
+    call, output_gradient, kernel_gradients, moments, dtype
+):
     layer, inputs = call.layer, call.inputs
     if isinstance(layer, keras.layers.BatchNormalization):
         return _batch_norm_gram(
             layer, inputs, output_gradient, moments,
-            _input_mask(inputs, call.kwargs),
+            _input_mask(inputs, call.kwargs), dtype,
         )
     if isinstance(layer, keras.layers.Conv2D):
         return _conv_gram(
-            layer, inputs, call.output, output_gradient, kernel_gradients
+            layer, inputs, call.output, output_gradient, kernel_gradients,
+            dtype,
         )
     return _dense_gram(
-        layer, inputs, call.output, output_gradient, kernel_gradients
+        layer, inputs, call.output, output_gradient, kernel_gradients, dtype
     )
 
 
@@ -1037,12 +1052,12 @@ def _apply_batch_norm(layer, args, kwargs):
     return output
 
 
-def _tape_gram(call, output_gradient):
+def _tape_gram(call, output_gradient, dtype=tf.float32):
     args, kwargs = call.arguments()
     per_example = _per_example_layer_gradients(
         call.layer, call.inputs, output_gradient, args, kwargs
     )
-    return _flat_gram(per_example)
+    return _flat_gram(per_example, dtype)
 
 
 # Attributes through which Keras layers set how they draw random numbers in
@@ -1164,16 +1179,18 @@ def layer_gram(call, output_gradient, method="fast"):
 
 
 def _layer_gram(
-    call, output_gradient, method, kernel_gradients, moments=None
+    call, output_gradient, method, kernel_gradients, moments=None,
+    dtype=tf.float32,
 ):
+    """Return the layer's block, with its products formed in `dtype`."""
     if method == "fast" and _is_closed_form(call.layer):
         return _closed_form_gram(
-            call, output_gradient, kernel_gradients, moments
+            call, output_gradient, kernel_gradients, moments, dtype
         )
     _check_not_random(call.layer)
     if method == "fast":
         _warn_fallback(call.layer)
-    return _tape_gram(call, output_gradient)
+    return _tape_gram(call, output_gradient, dtype)
 
 
 def _enclosing_model(model, layer):
@@ -1220,15 +1237,21 @@ def check_traced_weights(model, calls):
         )
 
 
-def gram_from_calls(calls, output_gradients, method="fast"):
+def gram_from_calls(
+    calls, output_gradients, method="fast", dtype=tf.float32
+):
     """Sum the Gram blocks of recorded layer calls into `[batch, batch]`.
 
-    Blocks are formed in float32 and summed in float64.
+    Blocks are formed from products in `dtype` and summed in float64.
     """
-    return gram_and_kernel_gradients(calls, output_gradients, method)[0]
+    return gram_and_kernel_gradients(
+        calls, output_gradients, method, dtype
+    )[0]
 
 
-def gram_and_kernel_gradients(calls, output_gradients, method="fast"):
+def gram_and_kernel_gradients(
+    calls, output_gradients, method="fast", dtype=tf.float32
+):
     """Sum the Gram blocks, and keep the kernel gradients formed on the way.
 
     Where a layer's per-example kernel gradients are materialised, their sum
@@ -1240,20 +1263,71 @@ def gram_and_kernel_gradients(calls, output_gradients, method="fast"):
         output_gradients: gradient of the summed batch loss at each
             `call.output`.
         method: "fast" or "tape", as for `layer_gram`.
+        dtype: the dtype of the blocks' products, from `product_dtype`.
 
     Returns:
         A pair: the `[batch, batch]` float64 Gram matrix (blocks formed in
-        float32, summed in float64), and a dict from `id(kernel)` to the
+        `dtype`, summed in float64), and a dict from `id(kernel)` to the
         float32 gradient of the summed loss with respect to that kernel,
         for the kernels whose per-example gradients were materialised.
     """
     gram = None
     kernel_gradients = {}
     for call, gradient in zip(calls, output_gradients):
-        block = _layer_gram(call, gradient, method, kernel_gradients)
+        block = _layer_gram(
+            call, gradient, method, kernel_gradients, dtype=dtype
+        )
         block = tf.cast(block, tf.float64)
         gram = block if gram is None else gram + block
     return gram, kernel_gradients
+
+
+# Models with at most this many trainable parameters get their Gram blocks
+# from float64 products (`product_dtype`).
+FLOAT64_PRODUCTS_MAX_PARAMETERS = 4096
+
+
+def product_dtype(num_parameters):
+    """Return the dtype of the Gram blocks' products for a model with
+    `num_parameters` trainable parameters: float64 up to
+    `FLOAT64_PRODUCTS_MAX_PARAMETERS`, float32 above.
+
+    J may have fewer independent columns than the batch has examples. Its
+    rank is at most P, and often lower: the gradients of softmax
+    cross-entropy at the logits sum to zero over the C classes, so a Dense
+    head on d features has rank at most (d + 1)(C - 1). Float32 products
+    leave the zero eigenvalues of such an F near 1e-8 λ_max, above the
+    default tolerance of `tf_fisher.measures`, where they count as nonzero
+    and set λ_min. Float64 products of the same float32 inputs leave them
+    near 1e-16 λ_max. For a Dense(10) head on 15 features at batch 256, c_k
+    was 8,046 from float32 products and 9.95 from float64 ones, as from a
+    float64 J. A model this small has cheap products, and for a larger one
+    the rank falls below the batch size only when the batch has more than
+    about P / 2 examples (`rank_warning` then warns).
+    """
+    if num_parameters <= FLOAT64_PRODUCTS_MAX_PARAMETERS:
+        return tf.float64
+    return tf.float32
+
+
+def rank_warning(num_parameters, batch_size, dtype):
+    """Return a warning message when a batch of `batch_size` examples may
+    exceed the rank of J for a model with `num_parameters` trainable
+    parameters whose blocks were formed from products in `dtype`, or None.
+    """
+    if tf.as_dtype(dtype) == tf.float64 or 4 * batch_size < num_parameters:
+        return None
+    return (
+        f"The probed batch has {batch_size} examples and the model "
+        f"{num_parameters} trainable parameters, so J may have fewer "
+        "independent columns than the batch has examples (a softmax head "
+        "on d features has rank at most (d + 1)(C - 1)). The Gram blocks "
+        "were formed from float32 products, whose round-off leaves the "
+        "zero eigenvalues near 1e-8 λ_max, so they may count as nonzero "
+        "and set λ_min and c_k. Pass eigenvalue_tolerance=1e-7 "
+        "(--eigenvalue_tolerance=1e-7) to drop them, or use smaller "
+        "batches."
+    )
 
 
 # How many layers' backward passes, its own first, a Gram block may overlap
@@ -1293,6 +1367,7 @@ class GramTaps:
             tape differentiates to the gradient of the summed per-example
             loss: the batch size for a batch mean, 1 for a sum.
         method: "fast" or "tape", as for `layer_gram`.
+        dtype: the dtype of the blocks' products, from `product_dtype`.
         keep_kernel_gradients: if True, kernels whose per-example gradients
             a block materialises also get a source, whose gradient is the
             kernel's gradient of the differentiated loss.
@@ -1315,11 +1390,12 @@ class GramTaps:
 
     def __init__(
         self, tape, gradient_scale, method="fast", keep_kernel_gradients=False,
-        block_overlap=DEFAULT_BLOCK_OVERLAP,
+        block_overlap=DEFAULT_BLOCK_OVERLAP, dtype=tf.float32,
     ):
         self._tape = tape
         self.set_gradient_scale(gradient_scale)
         self._method = method
+        self._dtype = tf.as_dtype(dtype)
         self._keep_kernel_gradients = keep_kernel_gradients
         self.sources = []
         self._block_indices = []
@@ -1340,7 +1416,7 @@ class GramTaps:
         at each.
         """
         batch = tf.shape(tf.nest.flatten(call.output)[0])[0]
-        sources = [tf.zeros([batch, batch])]
+        sources = [tf.zeros([batch, batch], self._dtype)]
         layer = call.layer
         keep_kernel = (
             self._keep_kernel_gradients
@@ -1389,9 +1465,9 @@ class GramTaps:
                 kernel_gradients = {}
                 block = _layer_gram(
                     _after(upstreams, call), upstream, self._method,
-                    kernel_gradients, moments,
+                    kernel_gradients, moments, self._dtype,
                 )
-                block *= tf.square(self._scale)
+                block *= tf.square(tf.cast(self._scale, self._dtype))
                 waited = self._block_to_wait_for(block, call)
                 gradients = [
                     _held_until(waited, gradient) for gradient in upstreams
@@ -1461,7 +1537,7 @@ class GramTaps:
             The layer output.
         """
         batch = tf.shape(inputs)[0]
-        source = tf.zeros([batch, batch])
+        source = tf.zeros([batch, batch], self._dtype)
         self._tape.watch(source)
         self._block_indices.append(len(self.sources))
         self.sources.append(source)
@@ -1508,10 +1584,10 @@ class GramTaps:
         )
         contributions = _trainable_contributions(layer, gamma_sums, beta_sums)
         if contributions:
-            block = _flat_gram(tf.concat(contributions, axis=1))
-            block *= tf.square(self._scale)
+            block = _flat_gram(tf.concat(contributions, axis=1), self._dtype)
+            block *= tf.square(tf.cast(self._scale, self._dtype))
         else:
-            block = tf.zeros([tf.shape(inputs)[0]] * 2)
+            block = tf.zeros([tf.shape(inputs)[0]] * 2, self._dtype)
         gamma_gradient = tf.reduce_sum(gamma_sums, axis=0)
         beta_gradient = tf.reduce_sum(beta_sums, axis=0)
 
@@ -1724,12 +1800,19 @@ def gram_matrix(model, loss, x, y, method="fast"):
             f"Invalid method={method!r}: expected 'fast' or 'tape'."
         )
     x = tf.nest.map_structure(tf.convert_to_tensor, x)
+    num_parameters = sum(math.prod(w.shape) for w in model.trainable_weights)
+    dtype = product_dtype(num_parameters)
     with tf.GradientTape() as tape:
-        taps = GramTaps(tape, gradient_scale=1.0, method=method)
+        taps = GramTaps(tape, gradient_scale=1.0, method=method, dtype=dtype)
         y_pred, calls = traced_call(model, x, training=True, taps=taps)
         total = _summed_loss(loss, y, y_pred)
     check_traced_weights(model, calls)
-    return taps.gram(tape.gradient(total, taps.sources))
+    matrix = taps.gram(tape.gradient(total, taps.sources))
+    batch_size = matrix.shape[0]
+    message = batch_size and rank_warning(num_parameters, batch_size, dtype)
+    if message:
+        warnings.warn(message, stacklevel=2)
+    return matrix
 
 
 def _summed_loss(loss, y, y_pred):

@@ -26,14 +26,17 @@ batch 128, c_k from the two matched to 1e-6 for every tolerance from 1e-9 to
 1e-5, and differed by up to 3% at tolerance 0. J has one row per parameter,
 so F has at most P nonzero eigenvalues, and with `max_rank` = P only the
 largest P can count. That matters when the batch has more examples than the
-model has trainable parameters, such as a small head on a frozen base:
-float32 round-off then leaves the zero eigenvalues near 1e-8 λ_max, above
-the default tolerance. When no eigenvalue is nonzero (all gradients zero),
+model has trainable parameters, such as a small head on a frozen base, and
+the blocks come from float32 products: their round-off leaves the zero
+eigenvalues near 1e-8 λ_max, above the default tolerance.
+(`tf_fisher.gram.product_dtype` forms the blocks of models that small from
+float64 products.) When no eigenvalue is nonzero (all gradients zero),
 c_k is undefined: it is NaN in the per-sample record and is left out of C̄_K.
 
-NOTE: `max_rank` is the only bound applied. Where J has a lower rank for
-another reason, round-off eigenvalues may still exceed the default
-tolerance; a larger tolerance drops them.
+NOTE: `max_rank` is the only bound applied here. Where J has a lower rank
+for another reason and the blocks come from float32 products, round-off
+eigenvalues may still exceed the default tolerance. A larger tolerance,
+such as 1e-7, drops them.
 """
 
 import math

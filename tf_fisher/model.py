@@ -2,6 +2,7 @@
 
 import math
 import numbers
+import warnings
 
 import keras
 import tensorflow as tf
@@ -150,6 +151,7 @@ class FisherModel(keras.Model):
         self.gram_method = gram_method
         self.block_overlap = int(block_overlap)
         self._probe = _ProbeState(measures.PROBE_KEYS)
+        self._warned_rank = False
         # The wrapped network is built, and this model has no weights of
         # its own.
         self.built = True
@@ -165,9 +167,24 @@ class FisherModel(keras.Model):
         """Return the last probe's measures as a dict of Python floats.
 
         One read copies them all to the host, which is cheaper than reading
-        each of `probe_values` in turn.
+        each of `probe_values` in turn. The first probe whose batch may
+        exceed the rank of J warns once (`tf_fisher.gram.rank_warning`).
         """
-        return self._probe.read()
+        values = self._probe.read()
+        if not self._warned_rank and values["batch_size"] > 0:
+            num_parameters = self._num_parameters()
+            message = gram.rank_warning(
+                num_parameters, int(values["batch_size"]),
+                gram.product_dtype(num_parameters),
+            )
+            if message is not None:
+                self._warned_rank = True
+                warnings.warn(message, stacklevel=2)
+        return values
+
+    def _num_parameters(self):
+        """Return P, the number of trainable parameters, the rows of J."""
+        return sum(math.prod(w.shape) for w in self.trainable_variables)
 
     def call(self, inputs, training=None):
         return self.network(inputs, training=training)
@@ -319,10 +336,9 @@ class FisherModel(keras.Model):
         y_pred, weight_gradients, matrix = self._gradients_and_gram(
             x, y, sample_weight
         )
-        # J has one row per trainable parameter.
-        num_parameters = sum(math.prod(w.shape) for w in weights)
         statistics = measures.probe_statistics(
-            matrix, self.eigenvalue_tolerance, max_rank=num_parameters
+            matrix, self.eigenvalue_tolerance,
+            max_rank=self._num_parameters(),
         )
         self._probe.assign(statistics)
         self._apply_gradients(weight_gradients, weights)
@@ -352,6 +368,7 @@ class FisherModel(keras.Model):
                 method=self.gram_method,
                 keep_kernel_gradients=True,
                 block_overlap=self.block_overlap,
+                dtype=gram.product_dtype(self._num_parameters()),
             )
             y_pred, calls = gram.traced_call(
                 self.network, x, training=True, taps=taps
