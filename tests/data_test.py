@@ -4,6 +4,7 @@ import hashlib
 import math
 import os
 import socket
+import struct
 
 import numpy as np
 import pytest
@@ -793,7 +794,7 @@ def _shard_path(builder, split):
 
 
 def test_tfds_prepared_folder_loads(tmp_path, no_network):
-    _, examples = _write_prepared_cifar10(tmp_path, {"train": 6, "test": 4})
+    builder, examples = _write_prepared_cifar10(tmp_path, {"train": 6, "test": 4})
     data.check_prepared("cifar10", str(tmp_path))
     splits = data.load_dataset("cifar10", str(tmp_path))
     train_images, train_labels = examples["train"]
@@ -801,6 +802,8 @@ def test_tfds_prepared_folder_loads(tmp_path, no_network):
     # TFDS reads a split's single shard in the order it was written.
     np.testing.assert_array_equal(splits.train_labels, train_labels)
     np.testing.assert_array_equal(splits.test_labels, test_labels)
+    assert splits.source == os.fspath(builder.data_dir)
+    assert splits.source.startswith(str(tmp_path))
     pixels = train_images.astype(np.float64)
     mean = pixels.mean(axis=(0, 1, 2))
     std = pixels.std(axis=(0, 1, 2))
@@ -848,6 +851,38 @@ def test_tfds_truncated_shard_raises(tmp_path, no_network):
     assert "missing, truncated or corrupted" in message
     assert builder.data_dir in message
     assert f"tfds.builder('cifar10', data_dir='{tmp_path}')" in message
+    assert no_network == []
+
+
+def _record_ends(path):
+    """Byte offsets where the records of a TFRecord file end: each record is
+    a little-endian uint64 length, its CRC, the data and the data's CRC."""
+    ends, offset = [], 0
+    with open(path, "rb") as records:
+        while header := records.read(8):
+            (length,) = struct.unpack("<Q", header)
+            offset += 8 + 4 + length + 4
+            records.seek(offset)
+            ends.append(offset)
+    return ends
+
+
+def test_tfds_shard_cut_between_records_raises(tmp_path, no_network):
+    """A shard cut at a record boundary reads without error but contains fewer
+    examples than the metadata says."""
+    builder, _ = _write_prepared_cifar10(tmp_path, {"train": 6, "test": 4})
+    path = _shard_path(builder, "train")
+    ends = _record_ends(path)
+    assert len(ends) == 6
+    assert ends[-1] == os.path.getsize(path)
+    os.truncate(path, ends[2])
+    with pytest.raises(data.DatasetNotFoundError) as error:
+        data.load_dataset("cifar10", str(tmp_path))
+    message = str(error.value)
+    assert "cannot be read" in message
+    assert error.value.damaged
+    assert "missing, truncated or corrupted" in message
+    assert "6 elements but contained only 3" in message
     assert no_network == []
 
 

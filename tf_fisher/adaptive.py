@@ -21,7 +21,6 @@ summary["batch_sizes"]  # the batch size of every epoch
 ```
 """
 
-import dataclasses
 import os
 import time
 
@@ -251,7 +250,7 @@ def train_adaptive(config, policy, splits=None):
     os.makedirs(config.output_dir, exist_ok=True)
     run.write_json_atomically(
         os.path.join(config.output_dir, "config.json"),
-        dict(dataclasses.asdict(config), adaptive=policy.describe()),
+        dict(run.config_record(config, splits), adaptive=policy.describe()),
     )
     logging.info(
         "Training %s on %s for %d epoch%s with the %s batch-size policy "

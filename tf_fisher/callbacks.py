@@ -170,8 +170,8 @@ class FisherCallback(keras.callbacks.Callback):
     (`tf_fisher.gradient_statistics.epoch_statistics`) to the epoch logs, so
     `History` and later callbacks see them, and writes them as `epoch_*`
     TensorBoard scalars. List it before the callbacks that read those keys,
-    such as `EarlyStopping(monitor="mean_condition_number")` or
-    `CSVLogger`.
+    such as `EarlyStopping(monitor="mean_condition_number", mode="min")`
+    (Keras cannot tell which way these keys improve) or `CSVLogger`.
 
     One instance may serve several `fit` calls (for example the stages of a
     batch-size schedule): the measures keep accumulating across them. A new

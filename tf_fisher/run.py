@@ -2,7 +2,8 @@
 
 A run folder holds:
 
-* `config.json`: the resolved configuration, written before training.
+* `config.json`: the configuration, with the augmentation that "auto"
+  chose and the folder the data came from, written before training.
 * `samples.csv`: one row per probed iteration (see
   `tf_fisher.callbacks.SAMPLE_COLUMNS`), flushed as it comes.
 * `fisher_state.json`: the running measures and the number of rows after
@@ -434,6 +435,17 @@ HPARAMS_METRICS = (
 )
 
 
+def config_record(config, splits):
+    """Return the content of config.json: the fields of `config`, the
+    augmentation that "auto" chose for `splits` (`augmentation`) and where
+    their examples were read from (`data_source`)."""
+    return dict(
+        dataclasses.asdict(config),
+        augmentation=data.augmentation_name(splits),
+        data_source=splits.source,
+    )
+
+
 def run_hparams(config, schedule=None, augmentation=None):
     """Return the hyperparameters of a run, as TensorBoard records them.
 
@@ -635,7 +647,7 @@ def train(config, splits=None, model_class=FisherModel):
     os.makedirs(config.output_dir, exist_ok=True)
     write_json_atomically(
         os.path.join(config.output_dir, "config.json"),
-        dataclasses.asdict(config),
+        config_record(config, splits),
     )
     logging.info(
         "Training %s on %s (%d train, %d test examples) for %d epoch%s "

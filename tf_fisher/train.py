@@ -45,8 +45,8 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_string(
     "data_dir", None,
-    "TensorFlow Datasets data folder (default: TFDS's own, ~/tensorflow_"
-    "datasets).",
+    "TensorFlow Datasets data folder (default: $TFDS_DATA_DIR if set, "
+    "else ~/tensorflow_datasets).",
 )
 flags.DEFINE_enum(
     "model", "mlp", list(models.MODEL_NAMES), "Network architecture."
