@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -508,6 +509,25 @@ def test_figures_write_png_and_pdf(sweep_root, loaded, tmp_path):
     )
     assert_image_files(
         figures.error_curves(epochs, runs, GROUP, 0.1, stem + "_curves")
+    )
+
+
+def test_region_points_leave_out_diverged():
+    points = pd.DataFrame({
+        "label": list("abcdefg"), "num_diverged": [0, 0, 0, 0, 0, 0, 1],
+    })
+    kept, diverged, notes = figures.region_points(points, neighbours=5)
+    assert list(kept["label"]) == list("abcdef")
+    assert diverged == ["g"]
+    assert notes == ["left out, a run diverged: g"]
+    # Five configurations: each grid point would average them all.
+    kept, diverged, notes = figures.region_points(
+        points.iloc[1:], neighbours=5
+    )
+    assert list(kept["label"]) == list("bcdef")
+    assert notes[1] == (
+        "no test-error contour: 5 configurations, and the contour averages "
+        "the 5 nearest"
     )
 
 

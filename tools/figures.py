@@ -64,7 +64,8 @@ def _fixed(configs, group):
 
 def error_vs_batch_size(configs, group, stem):
     """Plot the final test error against the batch size, one line per
-    learning rate, with ±1 std error bars and the top five starred."""
+    learning rate, with ±1 std error bars, the top five starred and
+    configurations with a diverged run crossed out."""
     fixed = _fixed(configs, group)
     figure, axes = plt.subplots(figsize=(6, 4))
     rates = sorted(fixed["learning_rate"].unique())
@@ -82,6 +83,12 @@ def error_vs_batch_size(configs, group, stem):
         best["batch_size"], 100 * best["test_error_mean"], marker="*",
         s=200, facecolor="none", edgecolor="red", zorder=5, label="top 5",
     )
+    diverged = fixed[fixed["num_diverged"] > 0]
+    if len(diverged):
+        axes.scatter(
+            diverged["batch_size"], 100 * diverged["test_error_mean"],
+            marker="x", s=90, color="red", zorder=6, label="a run diverged",
+        )
     axes.set_xscale("log", base=2)
     axes.set_yscale("log")
     axes.set_xlabel("batch size B")
@@ -91,18 +98,50 @@ def error_vs_batch_size(configs, group, stem):
     return save(figure, stem)
 
 
+def region_points(points, neighbours=analysis.NEIGHBOURS):
+    """Split the configurations of the optimum-region figure.
+
+    Configurations with a diverged run are left out of the figure: their
+    test error is that of a broken network, and their C̄_K and L_K stop
+    where the run did, often decades away from the others. With
+    `neighbours` or fewer configurations left, every grid point of the
+    contour would average all of them, one flat shade, so there is none.
+
+    Returns:
+        (kept, diverged_labels, notes): the configurations to plot, the
+        labels of those left out, and lines to print on the figure.
+    """
+    kept = points[points["num_diverged"] == 0]
+    diverged_labels = list(points[points["num_diverged"] > 0]["label"])
+    notes = []
+    if diverged_labels:
+        notes.append(
+            "left out, a run diverged: " + ", ".join(diverged_labels)
+        )
+    if len(kept) <= neighbours:
+        notes.append(
+            f"no test-error contour: {len(kept)} configurations, and the "
+            f"contour averages the {neighbours} nearest"
+        )
+    return kept, diverged_labels, notes
+
+
 def optimum_region(configs, group, stem, neighbours=analysis.NEIGHBOURS):
     """Plot final C̄_K against L_K on log axes over a test-error contour.
 
     Each point is a fixed-batch configuration (mean over seeds), and the
     points of one learning rate are joined in order of batch size. The
     contour is the mean test error of the `neighbours` nearest
-    configurations in normalised log space (`tools.analysis.knn_contour`).
-    The top five are starred and numbered by rank.
+    configurations in normalised log space (`tools.analysis.knn_contour`),
+    drawn when there are more than `neighbours` configurations. The top
+    five are starred and numbered by rank. Configurations with a diverged
+    run are left out and named on the figure (`region_points`).
     """
-    points = analysis.measure_points(configs, group)
+    points, _, notes = region_points(
+        analysis.measure_points(configs, group), neighbours
+    )
     figure, axes = plt.subplots(figsize=(7, 5.5))
-    if len(points) >= 2:
+    if len(points) > neighbours:
         grid_c, grid_l, grid_error = analysis.knn_contour(
             points["mean_condition_number_mean"].to_numpy(),
             points["cumulative_fisher_energy_mean"].to_numpy(),
@@ -115,6 +154,11 @@ def optimum_region(configs, group, stem, neighbours=analysis.NEIGHBOURS):
         figure.colorbar(
             filled, ax=axes,
             label=f"test error (%), mean of {neighbours} nearest",
+        )
+    if notes:
+        axes.text(
+            0.02, 0.02, "\n".join(notes), transform=axes.transAxes,
+            fontsize=7, color="dimgray",
         )
     rates = sorted(points["learning_rate"].unique())
     for colour, rate in zip(_colours(len(rates)), rates):
