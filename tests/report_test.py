@@ -256,6 +256,20 @@ def test_format_cell_one_seed_has_no_std():
     assert analysis.format_cell(1234.5, math.nan) == "1234"
 
 
+def test_grid_table_marks_missing_seeds(loaded):
+    """A configuration with fewer finished runs than the others, as a
+    running sweep leaves it, shows its seed count."""
+    runs, _, _ = loaded
+    fewer = runs[~((runs["schedule"] == "s512") & (runs["seed"] == 1))]
+    configs = analysis.summarise(fewer)
+    table = analysis.grid_table(configs, GROUP, "test_error")
+    assert table.loc["0.1", "512"].endswith(" (1 of 2 seeds)")
+    assert table.loc["0.1", "32"] == "**6.00 ± 1.41**"
+    assert analysis.format_cell(
+        0.5, math.nan, num_runs=1, percent=True, expected_runs=3
+    ) == "50.00 (1 of 3 seeds)"
+
+
 def welch_p_value(first, second):
     """Welch's two-sided p-value from its closed form."""
     first, second = np.asarray(first), np.asarray(second)
@@ -371,6 +385,20 @@ def test_nearest_configurations_unknown_reference(loaded):
     _, configs, _ = loaded
     with pytest.raises(ValueError, match="s9-lr0.1"):
         analysis.nearest_configurations(configs, GROUP, "s9-lr0.1")
+
+
+def test_nearest_configurations_reference_without_measures(loaded):
+    """A configuration whose runs all diverged has NaN measures: it is
+    named as such, not as unknown."""
+    _, configs, _ = loaded
+    configs = configs.copy()
+    broken = configs["label"] == "s8-lr0.1"
+    configs.loc[broken, "mean_condition_number_mean"] = math.nan
+    with pytest.raises(ValueError) as error:
+        analysis.nearest_configurations(configs, GROUP, "s8-lr0.1")
+    message = str(error.value)
+    assert "has no finite, positive C̄_K and L_K" in message
+    assert "Unknown" not in message
 
 
 def spearman_by_ranks(first, second):
@@ -574,6 +602,53 @@ def test_load_runs_names_corrupt_summary(tmp_path):
     path.write_text(path.read_text()[:40])
     with pytest.raises(ValueError, match=f"Invalid {path}: it is not valid"):
         runs_lib.load_runs(str(tmp_path))
+
+
+def test_load_runs_names_summary_not_object(tmp_path):
+    write_run(str(tmp_path), "s8", (8,), 0.1, 0, (0.1, 0.2), 10.0, 1.0)
+    path = tmp_path / GROUP / "s8_lr0.1_seed0" / "summary.json"
+    path.write_text("[]")
+    with pytest.raises(ValueError) as error:
+        runs_lib.load_runs(str(tmp_path))
+    message = str(error.value)
+    assert message.startswith(f"Invalid {path}: expected a JSON object")
+    assert "found list" in message
+    assert "move the run folder out" in message
+
+
+@pytest.mark.parametrize("damage", ["extra_field", "not_text", "no_column"])
+def test_report_names_damaged_csv(tmp_path, damage):
+    write_run(str(tmp_path), "s8", (8,), 0.1, 0, (0.1, 0.2), 10.0, 1.0)
+    path = tmp_path / GROUP / "s8_lr0.1_seed0" / "samples.csv"
+    lines = path.read_text().splitlines()
+    if damage == "extra_field":
+        lines.append(lines[-1] + ",1,2,3")
+        path.write_text("\n".join(lines) + "\n")
+        expected = "it cannot be read as CSV"
+    elif damage == "not_text":
+        path.write_bytes(bytes(range(128, 256)) * 4)
+        expected = "it cannot be read as CSV"
+    else:
+        header = lines[0].replace("learning_rate", "rate")
+        path.write_text("\n".join([header] + lines[1:]) + "\n")
+        expected = "the columns learning_rate are missing"
+    with pytest.raises(ValueError) as error:
+        report.write_report(str(tmp_path), str(tmp_path / "report"))
+    message = str(error.value)
+    assert message.startswith(f"Invalid {path}: ")
+    assert expected in message
+    assert "move the run folder out" in message
+
+
+def test_report_names_sweep_record_not_object(tmp_path):
+    write_run(str(tmp_path), "s8", (8,), 0.1, 0, (0.1, 0.2), 10.0, 1.0)
+    path = tmp_path / "sweep.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError) as error:
+        report.write_report(str(tmp_path), str(tmp_path / "report"))
+    assert str(error.value).startswith(
+        f"Invalid {path}: expected a JSON object, found list."
+    )
 
 
 def test_write_report_without_runs(tmp_path):

@@ -548,19 +548,26 @@ def test_main_rejects_bad_option_before_training(tmp_path, capsys):
     assert not os.path.exists(output_dir)
 
 
-def test_main_names_corrupt_summary(tmp_path, capsys):
-    """A summary.json that is not JSON is named, with the fix, and the
-    sweep writes nothing."""
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ('{"status": "completed", "con', "it is not valid JSON"),
+        ("[]", "expected a JSON object, found list"),
+    ],
+)
+def test_main_names_corrupt_summary(tmp_path, capsys, content, problem):
+    """A summary.json that is not a JSON object is named, with the fix,
+    and the sweep writes nothing."""
     output_dir = tmp_path / "out"
     spec = study_lib.expand(study_lib.load_study("smoke"), str(output_dir))[0]
     os.makedirs(spec.config.output_dir)
     path = os.path.join(spec.config.output_dir, "summary.json")
     with open(path, "w") as file:
-        file.write('{"status": "completed", "con')
+        file.write(content)
     values = parse_flags(f"--output_dir={output_dir}")
     assert sweep.main(["sweep", "smoke"], values) == 2
     error = capsys.readouterr().err
-    assert f"Invalid {path}: it is not valid JSON" in error
+    assert f"Invalid {path}: {problem}" in error
     assert "delete the run folder" in error
     assert sorted(os.listdir(output_dir)) == ["mnist5k_mlp_e1"]
 

@@ -304,20 +304,29 @@ def read_summary(output_dir):
     """Return the run's summary dict, or None if the run has not finished.
 
     Raises:
-        ValueError: naming the file, if summary.json is not valid JSON.
+        ValueError: naming the file, if summary.json is not a JSON object.
     """
     path = os.path.join(output_dir, "summary.json")
     if not os.path.exists(path):
         return None
+    fix = (
+        "The run writes it whole, so it was changed after the run. Restore "
+        "it, or delete the run folder to train the run again."
+    )
     with open(path) as file:
         try:
-            return json.load(file)
+            summary = json.load(file)
         except ValueError as error:
             raise ValueError(
-                f"Invalid {path}: it is not valid JSON ({error}). The run "
-                "writes it whole, so it was changed after the run. Restore "
-                "it, or delete the run folder to train the run again."
+                f"Invalid {path}: it is not valid JSON ({error}). {fix}"
             ) from None
+    if not isinstance(summary, dict):
+        # A ValueError like the one above: the file's content is invalid.
+        raise ValueError(  # noqa: TRY004
+            f"Invalid {path}: expected a JSON object, found "
+            f"{type(summary).__name__}. {fix}"
+        )
+    return summary
 
 
 class EpochRecorder(keras.callbacks.Callback):

@@ -105,13 +105,15 @@ def rank_configurations(configs, top=TOP):
 
 
 def format_cell(mean, std, num_diverged=0, num_runs=1, percent=False,
-                marked=False, markdown=True):
+                marked=False, markdown=True, expected_runs=None):
     """Return "mean ± std" for a table cell.
 
     Errors (`percent`) are shown in percent with two decimals, measures with
     four significant digits. One seed shows the mean alone. A marked cell is
     bold in Markdown and ends in " *" otherwise; a configuration with
-    diverged runs ends in " (k/n diverged)".
+    diverged runs ends in " (k/n diverged)", and one with fewer runs than
+    `expected_runs`, as a sweep still running leaves it, in
+    " (n of m seeds)".
     """
     if not np.isfinite(mean):
         text = "nan"
@@ -127,6 +129,8 @@ def format_cell(mean, std, num_diverged=0, num_runs=1, percent=False,
         text = f"**{text}**" if markdown else f"{text} *"
     if num_diverged:
         text += f" ({num_diverged}/{num_runs} diverged)"
+    if expected_runs is not None and num_runs < expected_runs:
+        text += f" ({num_runs} of {expected_runs} seeds)"
     return text
 
 
@@ -147,6 +151,7 @@ def grid_table(configs, group, metric, markdown=True):
         (configs["group"] == group) & (configs["kind"] == runs_lib.FIXED)
     ]
     percent = metric.endswith("error")
+    expected_runs = configs[configs["group"] == group]["num_runs"].max()
     cells = {}
     for row in fixed.itertuples(index=False):
         cells[(row.learning_rate, int(row.batch_size))] = format_cell(
@@ -157,6 +162,7 @@ def grid_table(configs, group, metric, markdown=True):
             percent=percent,
             marked=bool(row.top),
             markdown=markdown,
+            expected_runs=expected_runs,
         )
     rates = sorted({rate for rate, _ in cells})
     sizes = sorted({size for _, size in cells})
@@ -178,6 +184,7 @@ def schedule_table(configs, group, markdown=True):
     members = configs[
         (configs["group"] == group) & (configs["kind"] != runs_lib.FIXED)
     ].sort_values(["kind", "schedule", "learning_rate"])
+    expected_runs = configs[configs["group"] == group]["num_runs"].max()
     best = set()
     for _, kind_rows in members.groupby("kind"):
         finite = kind_rows[np.isfinite(kind_rows["test_error_mean"])]
@@ -194,6 +201,7 @@ def schedule_table(configs, group, markdown=True):
                 row["num_diverged"] if metric == "test_error" else 0,
                 row["num_runs"], percent=metric.endswith("error"),
                 marked=marked and metric == "test_error", markdown=markdown,
+                expected_runs=expected_runs,
             )
         rows.append(cells)
     return pd.DataFrame(rows)
@@ -416,12 +424,24 @@ def nearest_configurations(configs, group, reference, k=5):
         of diverged and of all runs.
 
     Raises:
-        ValueError: if the reference is not a configuration of the group.
+        ValueError: if the reference is not a configuration of the group,
+            or has no finite measures.
     """
     points = measure_points(
         configs, group,
         (runs_lib.FIXED, runs_lib.DYNAMIC, runs_lib.MULTI_STEP),
     )
+    members = configs[configs["group"] == group]
+    if reference in set(members["label"]) and reference not in set(
+        points["label"]
+    ):
+        raise ValueError(
+            f"Reference configuration {reference!r} of group {group!r} has "
+            "no finite, positive C̄_K and L_K (a run diverged before its "
+            "first probe, or its measures are NaN), so it has no place in "
+            "the plane. Pick another, such as "
+            f"{', '.join(points['label'].head(4))}."
+        )
     if reference not in set(points["label"]):
         raise ValueError(
             f"Unknown reference configuration {reference!r} in group "

@@ -20,7 +20,6 @@ and PDF, and the page to `report.md`, all under --output_dir (default
 RUNS_DIR/report).
 """
 
-import json
 import math
 import os
 import sys
@@ -226,11 +225,17 @@ def _header(writer, root, runs):
 
 
 def _read_sweep(root):
-    path = os.path.join(root, "sweep.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as file:
-        return json.load(file)
+    """Return the record of `root`/sweep.json, {} when there is none.
+
+    Raises:
+        ValueError: naming the file, if it does not hold a JSON object.
+    """
+    record = runs_lib.read_json_object(
+        os.path.join(root, "sweep.json"),
+        "The sweep writes it whole, so it was changed after the sweep. "
+        "Remove it, and the next sweep on the folder writes it again.",
+    )
+    return record or {}
 
 
 class _GroupSection:

@@ -109,23 +109,79 @@ def unfinished_runs(root):
     ]
 
 
-def _read_json(path):
-    """Return the content of a JSON file, None if it does not exist.
+# The fix for a damaged file of a finished run, ending its error message.
+_DAMAGED_RUN_FIX = (
+    "Restore it, or move the run folder out of the sweep's folder (the "
+    "sweep then trains the run again)."
+)
+# Columns of the run files that the report reads.
+EPOCH_COLUMNS = (
+    "epoch", "train_error", "test_error", "mean_condition_number",
+    "cumulative_fisher_energy",
+)
+SAMPLE_COLUMNS = (
+    "learning_rate", "mean_condition_number", "cumulative_fisher_energy",
+)
+
+
+def read_json_object(path, fix):
+    """Return the object in the JSON file `path`, or None if there is no
+    such file.
 
     Raises:
-        ValueError: naming the file and the fix, if it is not valid JSON.
+        ValueError: naming the file and ending with `fix`, the sentence that
+            tells the user what to do, if it is not valid JSON or not an object.
     """
     if not os.path.exists(path):
         return None
     with open(path) as file:
         try:
-            return json.load(file)
+            content = json.load(file)
         except ValueError as error:
             raise ValueError(
-                f"Invalid {path}: it is not valid JSON ({error}). The run "
-                "writes it whole, so it was changed after the run. Restore "
-                "it, or move the run folder out of the sweep's folder."
+                f"Invalid {path}: it is not valid JSON ({error}). {fix}"
             ) from None
+    if not isinstance(content, dict):
+        # A ValueError like the one above: the file's content is invalid.
+        raise ValueError(  # noqa: TRY004
+            f"Invalid {path}: expected a JSON object, found "
+            f"{type(content).__name__}. {fix}"
+        )
+    return content
+
+
+def _read_json(path):
+    """Return the object in a run's JSON file, None if the file does not
+    exist; raise ValueError naming the file if it is damaged."""
+    return read_json_object(
+        path,
+        "The run writes it whole, so it was changed after the run. "
+        + _DAMAGED_RUN_FIX,
+    )
+
+
+def _read_table(path, columns):
+    """Return a run's CSV file as a DataFrame.
+
+    Raises:
+        ValueError: naming the file and the fix, if it cannot be parsed or
+            lacks one of `columns`.
+    """
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, pd.errors.EmptyDataError) as error:
+        # pandas' ParserError and UnicodeDecodeError are ValueErrors.
+        raise ValueError(
+            f"Invalid {path}: it cannot be read as CSV ({error}). "
+            f"{_DAMAGED_RUN_FIX}"
+        ) from None
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"Invalid {path}: the columns {', '.join(missing)} are missing. "
+            f"{_DAMAGED_RUN_FIX}"
+        )
+    return frame
 
 
 def _run_row(root, folder, summary):
@@ -180,7 +236,7 @@ def load_epochs(root, runs):
     for name in runs["run"]:
         path = os.path.join(root, name, "epochs.csv")
         if os.path.exists(path) and os.path.getsize(path):
-            frame = pd.read_csv(path)
+            frame = _read_table(path, EPOCH_COLUMNS)
             frame.insert(0, "run", name)
             frames.append(frame)
     if not frames:
@@ -201,7 +257,7 @@ def load_samples(root, runs):
     for name in runs["run"]:
         path = os.path.join(root, name, "samples.csv")
         if os.path.exists(path) and os.path.getsize(path):
-            frame = pd.read_csv(path)
+            frame = _read_table(path, SAMPLE_COLUMNS)
             frame.insert(0, "run", name)
             frame["sample"] = np.arange(1, len(frame) + 1)
             frame["cumulative_learning_rate"] = frame[
