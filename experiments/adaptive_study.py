@@ -527,11 +527,14 @@ def plot_trajectories(configurations, path):
     styles = {FIXED: ":", SCHEDULE: "--", ADAPTIVE: "-"}
     figure, axes = pyplot.subplots(figsize=(7, 5))
     for configuration in configurations:
-        conditions, energies = _mean_trajectory(configuration.folders)
+        conditions, energies, count = _mean_trajectory(configuration.folders)
+        label = configuration.name
+        if count < len(configuration.folders):
+            label += f" ({count} of {len(configuration.folders)} runs)"
         line, = axes.plot(
             conditions, energies, styles[configuration.kind],
             linewidth=2.0 if configuration.kind == ADAPTIVE else 1.2,
-            label=configuration.name,
+            label=label,
         )
         axes.plot(conditions[-1], energies[-1], "o", color=line.get_color())
     axes.set_xscale("log")
@@ -546,6 +549,12 @@ def plot_trajectories(configurations, path):
 
 
 def _mean_trajectory(folders):
+    """Return the geometric means of C̄_K and L_K at each epoch over the
+    runs in `folders`, and the number of runs averaged.
+
+    Only the runs that reached the last epoch with finite measures count,
+    so a run that diverged early does not cut the others short.
+    """
     import numpy as np
 
     curves = []
@@ -557,10 +566,18 @@ def _mean_trajectory(folders):
              float(row["cumulative_fisher_energy"]))
             for row in rows
         ])
-    length = min(len(curve) for curve in curves)
-    values = np.log(np.array([curve[:length] for curve in curves]))
+    length = max(len(curve) for curve in curves)
+    complete = [
+        curve for curve in curves
+        if len(curve) == length and np.all(np.isfinite(curve))
+        and np.all(np.array(curve) > 0)
+    ]
+    # When every run stopped early, the curve of the longest stands alone.
+    if not complete:
+        complete = [max(curves, key=len)]
+    values = np.log(np.array(complete))
     means = np.exp(values.mean(axis=0))
-    return means[:, 0], means[:, 1]
+    return means[:, 0], means[:, 1], len(complete)
 
 
 def settings_from_flags():

@@ -840,3 +840,28 @@ def test_study_stops_when_every_fixed_size_diverges(tmp_path):
     assert run.read_summary(str(folder))["status"] == "diverged"
     assert not (tmp_path / "mnist5k_mlp_e1_adaptive"
                 / "adaptive-measure_lr1e+06_seed0").exists()
+
+
+def test_mean_trajectory_leaves_out_short_runs(tmp_path):
+    """A run that stopped after one epoch, as a diverged one does, is left
+    out of the geometric mean, not used to cut the others short."""
+    from experiments import adaptive_study
+
+    histories = {
+        "a": [(10.0, 1.0), (20.0, 2.0), (40.0, 4.0)],
+        "b": [(1000.0, 100.0), (2000.0, 200.0), (4000.0, 400.0)],
+        "diverged": [(5.0, 1e9)],
+    }
+    folders = []
+    for name, rows in histories.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        with open(folder / "epochs.csv", "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["mean_condition_number", "cumulative_fisher_energy"])
+            writer.writerows(rows)
+        folders.append(str(folder))
+    conditions, energies, count = adaptive_study._mean_trajectory(folders)
+    assert count == 2
+    np.testing.assert_allclose(conditions, [100.0, 200.0, 400.0])
+    np.testing.assert_allclose(energies, [10.0, 20.0, 40.0])

@@ -255,7 +255,10 @@ def measures_over_time(epochs, samples, runs, group, learning_rate, stem):
     axes[0, 0].set_ylabel("C̄_K")
     axes[1, 0].set_ylabel("L_K")
     axes[0, 0].legend(fontsize="small")
-    figure.suptitle(f"{group}: measures at lr {learning_rate:g}")
+    seed = f"seed {members['seed'].iloc[0]}" if len(members) else "no runs"
+    if members["seed"].nunique() > 1:
+        seed = "first seed of each batch size"
+    figure.suptitle(f"{group}: measures at lr {learning_rate:g} ({seed})")
     figure.tight_layout()
     return save(figure, stem)
 

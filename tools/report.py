@@ -465,9 +465,8 @@ def parse_flags(argv, flag_values=flags.FLAGS):
     On an invalid flag, print the error and exit with status 2, as
     `tf_fisher.cli.parse_flags` does for the other programs. That module is
     not imported because importing tf_fisher imports TensorFlow, which the
-    report never needs.
- After a
-    help flag has printed the help, exit with status 0, not absl's 1.
+    report never needs. After a help flag has printed the help, exit with
+    status 0, not absl's 1.
     """
     try:
         return flag_values(argv)
