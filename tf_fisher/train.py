@@ -54,8 +54,9 @@ flags.DEFINE_enum(
 flags.DEFINE_integer("epochs", 10, "Number of training epochs.", lower_bound=1)
 flags.DEFINE_float(
     "learning_rate", 0.05,
-    "Initial SGD learning rate, multiplied by 0.1 at 50% and 75% of the "
-    "epochs.",
+    "Initial SGD learning rate, multiplied by 0.1 from the first epoch at "
+    "or past 50% of the epochs and again from the first at or past 75% "
+    "(with 10 epochs: from epochs 6 and 9; with 3, only from epoch 3).",
 )
 flags.DEFINE_integer(
     "batch_size", 32,
