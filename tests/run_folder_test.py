@@ -86,6 +86,50 @@ def test_overwrite_with_bad_input_keeps_run(tmp_path, capsys):
         assert os.path.exists(output_dir / "summary.json")
 
 
+def test_run_into_locked_folder_rejected(tmp_path, capsys):
+    """While a run trains into a folder, holding its lock, a second run
+    with --overwrite exits with status 2 and deletes none of its rows."""
+    output_dir = tmp_path / "run"
+    arguments = (f"--output_dir={output_dir}", "--epochs=1", "--batch_size=500")
+    assert run_cli(*arguments) == 0
+    assert os.path.exists(output_dir / run.LOCK_FILE)
+    first_epochs = read_rows(output_dir / "epochs.csv")
+    capsys.readouterr()
+
+    with run.folder_lock(str(output_dir), resumable=False):
+        assert run_cli(*arguments, "--overwrite") == 2
+    error = capsys.readouterr().err
+    assert f"Another process is training into {output_dir}" in error
+    assert "go on where it stopped" not in error
+    assert read_rows(output_dir / "epochs.csv") == first_epochs
+    assert os.path.exists(output_dir / "summary.json")
+
+    # Once the lock is free, --overwrite replaces the run.
+    assert run_cli(*arguments, "--overwrite", "--seed=1") == 0
+    assert read_rows(output_dir / "epochs.csv") != first_epochs
+
+
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        (
+            "--learning_rate=1e-300",
+            (
+                "--learning_rate=1e-300: must be a positive number between "
+                "about 1.4e-45 and 3.4e38"
+            ),
+        ),
+        ("--learning_rate=1e300", "--learning_rate=1e+300: must be"),
+        ("--output_dir=", "--output_dir=: must not be empty"),
+    ],
+)
+def test_flags_outside_range_rejected(tmp_path, capsys, argument, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(argument)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_overwrite_with_bad_seed_keeps_run(tmp_path, capsys):
     """A seed that NumPy rejects stops the run before --overwrite deletes
     the earlier one."""

@@ -164,31 +164,44 @@ def is_write_failure(error, output_dir):
     )
 
 
-# The file in an output folder that a running sweep or study keeps locked.
+# The file in an output folder that a running sweep, study or run keeps
+# locked.
 LOCK_FILE = "folder.lock"
 
 
 @contextlib.contextmanager
-def folder_lock(output_dir):
+def folder_lock(output_dir, resumable=True):
     """Hold the lock of `output_dir`, which must exist, while the block runs.
 
-    Two sweeps that write into the same folder would delete and rewrite
-    each other's run folders. The lock is an `fcntl.flock` on `LOCK_FILE`,
-    which the system releases when the process ends, however it ends.
+    Two sweeps, or two runs, that write into the same folder would delete
+    and rewrite each other's records. The lock is an `fcntl.flock` on
+    `LOCK_FILE`, which the system releases when the process ends, however
+    it ends.
+
+    Args:
+        output_dir: the folder.
+        resumable: whether the command that takes the lock goes on where
+            an earlier one stopped (a sweep), for the error message.
 
     Raises:
         ValueError: naming the folder, if another process holds its lock.
     """
     path = os.path.join(output_dir, LOCK_FILE)
+    if resumable:
+        advice = (
+            "Wait for it to end, or stop it and run this command again to "
+            "go on where it stopped"
+        )
+    else:
+        advice = "Wait for it to end, or stop it"
     with open(path, "a") as file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(
                 f"Another process is training into {output_dir} (it holds "
-                f"{path}). Wait for it to end, or stop it and run this "
-                "command again to go on where it stopped; use another "
-                "--output_dir to train both at once."
+                f"{path}). {advice}; use another --output_dir to train both "
+                "at once."
             ) from None
         yield
 
@@ -226,7 +239,7 @@ RUN_FILES = (
 # Everything a run may leave in its folder: `RUN_FILES` and the temporary
 # files of its atomic writes, which an interrupt can leave behind. A sweep
 # deletes an unfinished run folder only if it contains nothing else.
-RUN_ENTRIES = frozenset(RUN_FILES) | {
+RUN_ENTRIES = frozenset(RUN_FILES) | {LOCK_FILE} | {
     f"{name}.tmp"
     for name in ("config.json", "summary.json", fisher_callbacks.STATE_FILE)
 }

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import tensorflow as tf
 from absl import app
 from absl import flags
@@ -197,9 +198,25 @@ for _flag in FLAGS.get_flags_for_module(__name__):
         )
 
 
-@flags.validator("learning_rate", "must be a positive number")
+@flags.validator(
+    "learning_rate",
+    "must be a positive number between about 1.4e-45 and 3.4e38: Keras' "
+    "optimizer keeps it in float32, where smaller values become 0 and "
+    "larger ones infinity",
+)
 def _check_learning_rate(value):
-    return value > 0
+    with np.errstate(over="ignore", under="ignore"):
+        in_float32 = np.float32(value)
+    return value > 0 and 0 < in_float32 < np.inf
+
+
+@flags.validator(
+    "output_dir",
+    "must not be empty; leave the flag out for the default folder "
+    "runs/DATASET-MODEL-TIME",
+)
+def _check_output_dir(value):
+    return value is None or value.strip() != ""
 
 
 @flags.validator("batch_size", "must be a positive integer")
@@ -471,17 +488,22 @@ def main(argv):
         else:
             adaptive.check_run(config, policy, splits.num_train)
         if FLAGS.output_dir:
-            run.prepare_run_folder(config.output_dir, FLAGS.overwrite)
+            os.makedirs(config.output_dir, exist_ok=True)
         else:
             config = dataclasses.replace(
                 config,
                 output_dir=_create_default_output_dir(config.output_dir),
             )
-        started = True
-        if policy is None:
-            summary = run.train(config, splits)
-        else:
-            summary = adaptive.train_adaptive(config, policy, splits)
+        # The lock comes before the earlier run's records are deleted, so
+        # that a second run into the same folder cannot delete the records
+        # of one still training there.
+        with run.folder_lock(config.output_dir, resumable=False):
+            run.prepare_run_folder(config.output_dir, FLAGS.overwrite)
+            started = True
+            if policy is None:
+                summary = run.train(config, splits)
+            else:
+                summary = adaptive.train_adaptive(config, policy, splits)
     except (ValueError, data.DatasetNotFoundError) as error:
         if started:
             # Past the checks, an error is a fault, not bad input: keep
