@@ -610,6 +610,33 @@ def test_fallback_layers_match_loop_and_warn_once(monkeypatch):
     assert_gram_close(second, expected)
 
 
+def test_fallback_warns_for_each_conv2d_setting(monkeypatch):
+    """Two Conv2D layers that take the tape for different settings each get
+    a warning that names the setting."""
+    monkeypatch.setattr(gram, "_warned_layer_classes", set())
+    inputs = keras.Input((6, 6, 4))
+    x = keras.layers.Conv2D(4, 3, groups=2)(inputs)
+    x = keras.layers.Permute((3, 1, 2))(x)
+    x = keras.layers.Conv2D(2, 2, data_format="channels_first")(x)
+    logits = keras.layers.Dense(3)(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, logits)
+    x, y = random_batch((6, 6, 4), 5, 3, seed=4)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = gram.gram_matrix(model, LOSS, x, y)
+    messages = [str(w.message) for w in caught if "tf_fisher" in str(w.message)]
+    assert len(messages) == 2, messages
+    # Backprop forms the later layer's block first.
+    channels_first, grouped = messages
+    assert "class Conv2D with groups=2 (first seen" in grouped
+    assert (
+        "class Conv2D with data_format='channels_first' (first seen"
+        in channels_first
+    )
+    assert_gram_close(actual, single_example_gram(model, x, y))
+
+
 # The package's models and a model built from standard Keras layers.
 
 

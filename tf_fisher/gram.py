@@ -1147,14 +1147,39 @@ def _check_no_random_ops(layer, operations):
         )
 
 
+def _fallback_setting(layer):
+    """Return why a layer of a class with a closed form takes the tape, such
+    as " with groups=2", or "" for any other layer."""
+    if not isinstance(layer, _CLOSED_FORM_LAYERS):
+        return ""
+    if not _keeps_forward_pass(layer):
+        return " with a forward pass of its own"
+    if getattr(layer, "lora_enabled", False):
+        return " with LoRA enabled"
+    if getattr(layer, "quantization_mode", None) is not None:
+        return f" quantized to {layer.quantization_mode}"
+    settings = []
+    if getattr(layer, "groups", 1) != 1:
+        settings.append(f"groups={layer.groups}")
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        settings.append(f"data_format={layer.data_format!r}")
+    if getattr(layer, "padding", "valid") not in ("same", "valid"):
+        settings.append(f"padding={layer.padding!r}")
+    return f" with {', '.join(settings)}" if settings else ""
+
+
 def _warn_fallback(layer):
+    """Warn once for each layer class, and for each setting of a class with
+    a closed form, that its blocks come from the per-example tape."""
     name = type(layer).__name__
-    if name in _warned_layer_classes:
+    setting = _fallback_setting(layer)
+    if (name, setting) in _warned_layer_classes:
         return
-    _warned_layer_classes.add(name)
+    _warned_layer_classes.add((name, setting))
     warnings.warn(
-        f"tf_fisher has no closed-form Gram block for layers of class {name} "
-        f"(first seen: {layer.name!r}); their per-example gradients come "
+        f"tf_fisher has no closed-form Gram block for layers of class {name}"
+        f"{setting} (first seen: {layer.name!r}); their per-example "
+        "gradients come "
         "from a vectorized per-example tape, which is slower. Closed forms "
         "exist for Dense, for Conv2D with groups=1 and channels_last data, "
         "and for BatchNormalization, in classes that keep their forward "
