@@ -233,12 +233,23 @@ def check_run_folder(path):
 def clear_run_folder(path):
     """Delete the files of an unfinished run so that it can start again.
 
+    The folder and its lock file stay, so that a worker can hold the lock
+    while it clears the folder and trains.
+
     Raises:
         ValueError: see `check_run_folder`.
     """
     check_run_folder(path)
-    if os.path.exists(path):
-        shutil.rmtree(path)
+    if not os.path.exists(path):
+        return
+    for name in os.listdir(path):
+        if name == run.LOCK_FILE:
+            continue
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry):
+            shutil.rmtree(entry)
+        else:
+            os.remove(entry)
 
 
 def run_sweep(study, output_dir, jobs=1, threads_per_job=0):
@@ -559,9 +570,13 @@ def _exit_with_parent():
 def train_in_worker(config):
     """Train one run in the calling process and return `Outcome` fields.
 
-    Deletes the files of an earlier, interrupted attempt first. Errors are
-    caught and returned as a "failed" outcome, so that one bad run does not
-    stop the sweep. The traceback goes to the run's `train.log`.
+    Deletes the files of an earlier, interrupted attempt first. The worker
+    holds the run folder's lock from before it deletes anything until the
+    run ends, so a `tf_fisher.train` run training into the same folder
+    makes this run fail instead of losing its records, and the other way
+    round. Errors are caught and returned as a "failed" outcome, so that
+    one bad run does not stop the sweep. The traceback goes to the run's
+    `train.log`.
     """
     import keras
 
@@ -569,10 +584,14 @@ def train_in_worker(config):
     cpu_start = time.process_time()
     handler = None
     try:
-        clear_run_folder(config.output_dir)
+        check_run_folder(config.output_dir)
         os.makedirs(config.output_dir, exist_ok=True)
-        handler = _log_to_file(os.path.join(config.output_dir, "train.log"))
-        summary = run.train(config, splits=_load_splits(config))
+        with run.folder_lock(config.output_dir, resumable=False):
+            clear_run_folder(config.output_dir)
+            handler = _log_to_file(
+                os.path.join(config.output_dir, "train.log")
+            )
+            summary = run.train(config, splits=_load_splits(config))
     except Exception as error:  # noqa: BLE001 (the sweep must go on)
         if handler is not None:
             logging.error("Run failed:\n%s", traceback.format_exc())
@@ -733,7 +752,7 @@ def _list_runs(study, output_dir):
             f"Warning: {error} The batch sizes of its runs are not checked.",
             file=sys.stderr,
         )
-    if _held_by_another(output_dir):
+    if run.held_by_another(output_dir):
         print(
             f"Warning: another process is training into {output_dir}, so "
             "the runs it has not finished yet show as 'to train'.",
@@ -747,18 +766,6 @@ def _list_runs(study, output_dir):
         state = summary["status"] if summary else "to train"
         print(f"{spec.name}\t{state}")
     print(f"{len(specs)} runs in {output_dir}")
-
-
-def _held_by_another(output_dir):
-    """Return True if another process holds the lock of `output_dir`. A
-    folder without the lock file is not locked, and none is created."""
-    if not os.path.exists(os.path.join(output_dir, run.LOCK_FILE)):
-        return False
-    try:
-        with run.folder_lock(output_dir):
-            return False
-    except ValueError:
-        return True
 
 
 if __name__ == "__main__":

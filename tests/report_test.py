@@ -541,17 +541,22 @@ def test_figures_write_png_and_pdf(sweep_root, loaded, tmp_path):
 
 
 def test_region_points_leave_out_diverged():
-    points = pd.DataFrame({
-        "label": list("abcdefg"), "num_diverged": [0, 0, 0, 0, 0, 0, 1],
+    """Diverged configurations are named whether their measures are finite
+    (g) or NaN (h)."""
+    configs = pd.DataFrame({
+        "group": GROUP,
+        "kind": runs_lib.FIXED,
+        "label": list("abcdefgh"),
+        "num_diverged": [0, 0, 0, 0, 0, 0, 1, 2],
+        "mean_condition_number_mean": [1.0] * 7 + [math.nan],
+        "cumulative_fisher_energy_mean": [1.0] * 7 + [math.nan],
     })
-    kept, diverged, notes = figures.region_points(points, neighbours=5)
+    kept, diverged, notes = figures.region_points(configs, GROUP, 5)
     assert list(kept["label"]) == list("abcdef")
-    assert diverged == ["g"]
-    assert notes == ["left out, a run diverged: g"]
+    assert diverged == ["g", "h"]
+    assert notes == ["left out, a run diverged: g, h"]
     # Five configurations: each grid point would average them all.
-    kept, diverged, notes = figures.region_points(
-        points.iloc[1:], neighbours=5
-    )
+    kept, diverged, notes = figures.region_points(configs.iloc[1:], GROUP, 5)
     assert list(kept["label"]) == list("bcdef")
     assert notes[1] == (
         "no test-error contour: 5 configurations, and the contour averages "
@@ -616,11 +621,24 @@ def test_load_runs_names_summary_not_object(tmp_path):
     assert "move the run folder out" in message
 
 
+def one_run_file(tmp_path, name):
+    """Write one finished run and return the path of its file `name` and
+    that file's lines."""
+    write_run(str(tmp_path), "s8", (8,), 0.1, 0, (0.1, 0.2), 10.0, 1.0)
+    path = tmp_path / GROUP / "s8_lr0.1_seed0" / name
+    return path, path.read_text().splitlines()
+
+
+def report_error(tmp_path):
+    """Return the message of the ValueError that the report raises."""
+    with pytest.raises(ValueError) as error:
+        report.write_report(str(tmp_path), str(tmp_path / "report"))
+    return str(error.value)
+
+
 @pytest.mark.parametrize("damage", ["extra_field", "not_text", "no_column"])
 def test_report_names_damaged_csv(tmp_path, damage):
-    write_run(str(tmp_path), "s8", (8,), 0.1, 0, (0.1, 0.2), 10.0, 1.0)
-    path = tmp_path / GROUP / "s8_lr0.1_seed0" / "samples.csv"
-    lines = path.read_text().splitlines()
+    path, lines = one_run_file(tmp_path, "samples.csv")
     if damage == "extra_field":
         lines.append(lines[-1] + ",1,2,3")
         path.write_text("\n".join(lines) + "\n")
@@ -632,12 +650,28 @@ def test_report_names_damaged_csv(tmp_path, damage):
         header = lines[0].replace("learning_rate", "rate")
         path.write_text("\n".join([header] + lines[1:]) + "\n")
         expected = "the columns learning_rate are missing"
-    with pytest.raises(ValueError) as error:
-        report.write_report(str(tmp_path), str(tmp_path / "report"))
-    message = str(error.value)
+    message = report_error(tmp_path)
     assert message.startswith(f"Invalid {path}: ")
     assert expected in message
     assert "move the run folder out" in message
+
+
+@pytest.mark.parametrize("damage", ["header_only", "cut_row", "missing"])
+def test_report_names_damaged_epochs(tmp_path, damage):
+    path, lines = one_run_file(tmp_path, "epochs.csv")
+    if damage == "header_only":
+        path.write_text(lines[0] + "\n")
+        expected = "the run completed, but the file is missing or has no rows"
+    elif damage == "cut_row":
+        fields = lines[-1].split(",")
+        path.write_text("\n".join(lines[:-1] + [",".join(fields[:3])]) + "\n")
+        expected = f"line {len(lines)} has 3 fields, the header"
+    else:
+        path.unlink()
+        expected = "the run completed, but the file is missing or has no rows"
+    message = report_error(tmp_path)
+    assert message.startswith(f"Invalid {path}: ")
+    assert expected in message
 
 
 def test_report_names_sweep_record_not_object(tmp_path):

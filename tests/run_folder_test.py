@@ -98,9 +98,14 @@ def test_run_into_locked_folder_rejected(tmp_path, capsys):
 
     with run.folder_lock(str(output_dir), resumable=False):
         assert run_cli(*arguments, "--overwrite") == 2
-    error = capsys.readouterr().err
-    assert f"Another process is training into {output_dir}" in error
-    assert "go on where it stopped" not in error
+        overwrite_error = capsys.readouterr().err
+        # Without --overwrite the live run is named too, not the old one.
+        assert run_cli(*arguments) == 2
+        error = capsys.readouterr().err
+    for message in (overwrite_error, error):
+        assert f"Another process is training into {output_dir}" in message
+        assert "go on where it stopped" not in message
+        assert "already contains a run" not in message
     assert read_rows(output_dir / "epochs.csv") == first_epochs
     assert os.path.exists(output_dir / "summary.json")
 

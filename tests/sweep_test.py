@@ -259,10 +259,13 @@ def test_clear_run_folder(tmp_path):
     folder = tmp_path / "run"
     (folder / "tensorboard").mkdir(parents=True)
     (folder / "epochs.csv").write_text("epoch\n1\n")
+    (folder / run.LOCK_FILE).write_text("")
     sweep.clear_run_folder(str(folder))
-    assert not folder.exists()
+    # The lock file stays, for the worker that holds it.
+    assert os.listdir(folder) == [run.LOCK_FILE]
+    os.remove(folder / run.LOCK_FILE)
     sweep.clear_run_folder(str(folder))
-    folder.mkdir()
+    assert os.listdir(folder) == []
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="notes.txt"):
         sweep.clear_run_folder(str(folder))
@@ -290,7 +293,21 @@ def test_interrupted_run_folder_is_cleared(tmp_path, digits):
     os.remove(folder / "summary.json")
     (folder / "train.log").write_text("log of the sweep's worker\n")
     sweep.clear_run_folder(str(folder))
-    assert not folder.exists()
+    assert os.listdir(folder) == []
+
+
+def test_worker_fails_on_locked_run_folder(tmp_path):
+    """A worker whose run folder another run is training into fails that
+    run and deletes none of the other run's files."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "samples.csv").write_text("step\n1\n")
+    config = run.RunConfig(epochs=1, batch_sizes=(512,), output_dir=str(folder))
+    with run.folder_lock(str(folder), resumable=False):
+        outcome = sweep.train_in_worker(config)
+    assert outcome["status"] == "failed"
+    assert "Another process is training into" in outcome["message"]
+    assert (folder / "samples.csv").read_text() == "step\n1\n"
 
 
 def test_finished_summary_rejects_other_config(tmp_path):

@@ -478,6 +478,10 @@ def main(argv):
             )
         # Every check runs before an earlier run's records are deleted.
         if FLAGS.output_dir:
+            if run.held_by_another(config.output_dir):
+                # Raises the error that names the folder and the lock.
+                with run.folder_lock(config.output_dir, resumable=False):
+                    pass
             run.check_run_folder(config.output_dir, FLAGS.overwrite)
         else:
             run.check_folder_path(DEFAULT_RUNS_DIR)

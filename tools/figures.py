@@ -98,21 +98,24 @@ def error_vs_batch_size(configs, group, stem):
     return save(figure, stem)
 
 
-def region_points(points, neighbours=analysis.NEIGHBOURS):
-    """Split the configurations of the optimum-region figure.
+def region_points(configs, group, neighbours=analysis.NEIGHBOURS):
+    """Split the fixed-batch configurations of a group for the
+    optimum-region figure.
 
     Configurations with a diverged run are left out of the figure: their
     test error is that of a broken network, and their C̄_K and L_K stop
-    where the run did, often decades away from the others. With
-    `neighbours` or fewer configurations left, every grid point of the
+    where the run did, often decades away from the others, or are NaN.
+    With `neighbours` or fewer configurations left, every grid point of the
     contour would average all of them, one flat shade, so there is none.
 
     Returns:
         (kept, diverged_labels, notes): the configurations to plot, the
         labels of those left out, and lines to print on the figure.
     """
+    points = analysis.measure_points(configs, group)
     kept = points[points["num_diverged"] == 0]
-    diverged_labels = list(points[points["num_diverged"] > 0]["label"])
+    members = _fixed(configs, group)
+    diverged_labels = list(members[members["num_diverged"] > 0]["label"])
     notes = []
     if diverged_labels:
         notes.append(
@@ -137,9 +140,7 @@ def optimum_region(configs, group, stem, neighbours=analysis.NEIGHBOURS):
     five are starred and numbered by rank. Configurations with a diverged
     run are left out and named on the figure (`region_points`).
     """
-    points, _, notes = region_points(
-        analysis.measure_points(configs, group), neighbours
-    )
+    points, _, notes = region_points(configs, group, neighbours)
     figure, axes = plt.subplots(figsize=(7, 5.5))
     if len(points) > neighbours:
         grid_c, grid_l, grid_error = analysis.knn_contour(

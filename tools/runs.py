@@ -8,6 +8,7 @@ the root: `experiments.sweep` puts the runs of one grid (one model, dataset
 and number of epochs) into one folder.
 """
 
+import csv
 import json
 import math
 import os
@@ -130,7 +131,7 @@ def read_json_object(path, fix):
 
     Raises:
         ValueError: naming the file and ending with `fix`, the sentence that
-            tells the user what to do, if it is not valid JSON or not an object.
+            gives the next step, if it is not valid JSON or not an object.
     """
     if not os.path.exists(path):
         return None
@@ -181,6 +182,16 @@ def _read_table(path, columns):
             f"Invalid {path}: the columns {', '.join(missing)} are missing. "
             f"{_DAMAGED_RUN_FIX}"
         )
+    # pandas fills the fields missing from a row cut short with NaN, which
+    # a diverged run also writes, so the rows are counted here.
+    with open(path, newline="") as file:
+        lengths = [len(row) for row in csv.reader(file)]
+    for number, length in enumerate(lengths[1:], start=2):
+        if length != lengths[0]:
+            raise ValueError(
+                f"Invalid {path}: line {number} has {length} fields, the "
+                f"header {lengths[0]}. {_DAMAGED_RUN_FIX}"
+            )
     return frame
 
 
@@ -233,10 +244,17 @@ def load_epochs(root, runs):
         A DataFrame with the epochs.csv columns plus `run`.
     """
     frames = []
-    for name in runs["run"]:
+    for name, status in zip(runs["run"], runs["status"]):
         path = os.path.join(root, name, "epochs.csv")
+        frame = None
         if os.path.exists(path) and os.path.getsize(path):
             frame = _read_table(path, EPOCH_COLUMNS)
+        if status == "completed" and (frame is None or frame.empty):
+            raise ValueError(
+                f"Invalid {path}: the run completed, but the file is "
+                f"missing or has no rows. {_DAMAGED_RUN_FIX}"
+            )
+        if frame is not None:
             frame.insert(0, "run", name)
             frames.append(frame)
     if not frames:
