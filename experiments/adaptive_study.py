@@ -572,7 +572,7 @@ def _mean_trajectory(folders):
         if len(curve) == length and np.all(np.isfinite(curve))
         and np.all(np.array(curve) > 0)
     ]
-    # When every run stopped early, the curve of the longest stands alone.
+    # When every run stopped early, the longest curve is used alone.
     if not complete:
         complete = [max(curves, key=len)]
     values = np.log(np.array(complete))

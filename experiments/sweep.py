@@ -752,7 +752,7 @@ def _list_runs(study, output_dir):
             f"Warning: {error} The batch sizes of its runs are not checked.",
             file=sys.stderr,
         )
-    if run.held_by_another(output_dir):
+    if _held_by_another(output_dir):
         print(
             f"Warning: another process is training into {output_dir}, so "
             "the runs it has not finished yet show as 'to train'.",
@@ -766,6 +766,18 @@ def _list_runs(study, output_dir):
         state = summary["status"] if summary else "to train"
         print(f"{spec.name}\t{state}")
     print(f"{len(specs)} runs in {output_dir}")
+
+
+def _held_by_another(output_dir):
+    """Return True if another process holds the lock of `output_dir`. A
+    folder without the lock file is not locked, and none is created."""
+    if not os.path.exists(os.path.join(output_dir, run.LOCK_FILE)):
+        return False
+    try:
+        with run.folder_lock(output_dir):
+            return False
+    except ValueError:
+        return True
 
 
 if __name__ == "__main__":

@@ -869,7 +869,7 @@ def _record_ends(path):
 
 def test_tfds_shard_cut_between_records_raises(tmp_path, no_network):
     """A shard cut at a record boundary reads without error but contains fewer
-    examples than the metadata says."""
+    examples than the metadata records."""
     builder, _ = _write_prepared_cifar10(tmp_path, {"train": 6, "test": 4})
     path = _shard_path(builder, "train")
     ends = _record_ends(path)

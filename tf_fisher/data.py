@@ -530,7 +530,7 @@ def _read_tfds(name: str, data_dir: str | None):
         # A shard file that vanished, was cut short or is corrupted, for
         # example by a copy that was still running. A shard cut at a record
         # boundary reads without error but contains fewer examples than the
-        # metadata says, which TensorFlow 2.21 reports as a
+        # metadata records, which TensorFlow 2.21 reports as a
         # FailedPreconditionError ("expected to contain 300 elements but
         # contained only 150").
         detail = (

@@ -936,22 +936,34 @@ def _keeps_forward_pass(layer):
     return False
 
 
-def _is_closed_form(layer):
+def _closed_form_obstacle(layer):
+    """Return None when `layer` has a closed-form Gram block, or else why
+    it takes the per-example tape: "" for a class without a closed form,
+    or the setting that rules it out, such as " with groups=2"."""
+    if not isinstance(layer, _CLOSED_FORM_LAYERS):
+        return ""
     if not _keeps_forward_pass(layer):
-        return False
-    if isinstance(layer, keras.layers.Conv2D):
-        return (
-            layer.groups == 1
-            and layer.data_format == "channels_last"
-            and layer.padding in ("same", "valid")
-            and not getattr(layer, "lora_enabled", False)
-            and getattr(layer, "quantization_mode", None) is None
-        )
-    if isinstance(layer, keras.layers.Dense):
-        return not getattr(layer, "lora_enabled", False) and (
-            getattr(layer, "quantization_mode", None) is None
-        )
-    return isinstance(layer, keras.layers.BatchNormalization)
+        return " with a forward pass of its own"
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return None
+    if getattr(layer, "lora_enabled", False):
+        return " with LoRA enabled"
+    if getattr(layer, "quantization_mode", None) is not None:
+        return f" quantized to {layer.quantization_mode}"
+    if not isinstance(layer, keras.layers.Conv2D):
+        return None
+    settings = []
+    if layer.groups != 1:
+        settings.append(f"groups={layer.groups}")
+    if layer.data_format != "channels_last":
+        settings.append(f"data_format={layer.data_format!r}")
+    if layer.padding not in ("same", "valid"):
+        settings.append(f"padding={layer.padding!r}")
+    return f" with {', '.join(settings)}" if settings else None
+
+
+def _is_closed_form(layer):
+    return _closed_form_obstacle(layer) is None
 
 
 def _closed_form_gram(
@@ -1147,32 +1159,11 @@ def _check_no_random_ops(layer, operations):
         )
 
 
-def _fallback_setting(layer):
-    """Return why a layer of a class with a closed form takes the tape, such
-    as " with groups=2", or "" for any other layer."""
-    if not isinstance(layer, _CLOSED_FORM_LAYERS):
-        return ""
-    if not _keeps_forward_pass(layer):
-        return " with a forward pass of its own"
-    if getattr(layer, "lora_enabled", False):
-        return " with LoRA enabled"
-    if getattr(layer, "quantization_mode", None) is not None:
-        return f" quantized to {layer.quantization_mode}"
-    settings = []
-    if getattr(layer, "groups", 1) != 1:
-        settings.append(f"groups={layer.groups}")
-    if getattr(layer, "data_format", "channels_last") != "channels_last":
-        settings.append(f"data_format={layer.data_format!r}")
-    if getattr(layer, "padding", "valid") not in ("same", "valid"):
-        settings.append(f"padding={layer.padding!r}")
-    return f" with {', '.join(settings)}" if settings else ""
-
-
 def _warn_fallback(layer):
     """Warn once for each layer class, and for each setting of a class with
     a closed form, that its blocks come from the per-example tape."""
     name = type(layer).__name__
-    setting = _fallback_setting(layer)
+    setting = _closed_form_obstacle(layer) or ""
     if (name, setting) in _warned_layer_classes:
         return
     _warned_layer_classes.add((name, setting))
@@ -1310,6 +1301,12 @@ def gram_and_kernel_gradients(
 # Models with at most this many trainable parameters get their Gram blocks
 # from float64 products (`product_dtype`).
 FLOAT64_PRODUCTS_MAX_PARAMETERS = 4096
+
+
+def num_trainable_parameters(model):
+    """Return P, the number of trainable parameters of `model`: the rows of
+    J."""
+    return sum(math.prod(w.shape) for w in model.trainable_weights)
 
 
 def product_dtype(num_parameters):
@@ -1833,7 +1830,7 @@ def gram_matrix(model, loss, x, y, method="fast"):
             f"Invalid method={method!r}: expected 'fast' or 'tape'."
         )
     x = tf.nest.map_structure(tf.convert_to_tensor, x)
-    num_parameters = sum(math.prod(w.shape) for w in model.trainable_weights)
+    num_parameters = num_trainable_parameters(model)
     dtype = product_dtype(num_parameters)
     with tf.GradientTape() as tape:
         taps = GramTaps(tape, gradient_scale=1.0, method=method, dtype=dtype)

@@ -172,7 +172,7 @@ class FisherModel(keras.Model):
         """
         values = self._probe.read()
         if not self._warned_rank and values["batch_size"] > 0:
-            num_parameters = self._num_parameters()
+            num_parameters = gram.num_trainable_parameters(self)
             message = gram.rank_warning(
                 num_parameters, int(values["batch_size"]),
                 gram.product_dtype(num_parameters),
@@ -181,10 +181,6 @@ class FisherModel(keras.Model):
                 self._warned_rank = True
                 warnings.warn(message, stacklevel=2)
         return values
-
-    def _num_parameters(self):
-        """Return P, the number of trainable parameters, the rows of J."""
-        return sum(math.prod(w.shape) for w in self.trainable_variables)
 
     def call(self, inputs, training=None):
         return self.network(inputs, training=training)
@@ -338,7 +334,7 @@ class FisherModel(keras.Model):
         )
         statistics = measures.probe_statistics(
             matrix, self.eigenvalue_tolerance,
-            max_rank=self._num_parameters(),
+            max_rank=gram.num_trainable_parameters(self),
         )
         self._probe.assign(statistics)
         self._apply_gradients(weight_gradients, weights)
@@ -368,7 +364,7 @@ class FisherModel(keras.Model):
                 method=self.gram_method,
                 keep_kernel_gradients=True,
                 block_overlap=self.block_overlap,
-                dtype=gram.product_dtype(self._num_parameters()),
+                dtype=gram.product_dtype(gram.num_trainable_parameters(self)),
             )
             y_pred, calls = gram.traced_call(
                 self.network, x, training=True, taps=taps

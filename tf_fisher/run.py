@@ -206,18 +206,6 @@ def folder_lock(output_dir, resumable=True):
         yield
 
 
-def held_by_another(output_dir):
-    """Return True if another process holds the lock of `output_dir`. A
-    folder without the lock file is not locked, and none is created."""
-    if not os.path.exists(os.path.join(output_dir, LOCK_FILE)):
-        return False
-    try:
-        with folder_lock(output_dir):
-            return False
-    except ValueError:
-        return True
-
-
 def _finite_or_none(value):
     if isinstance(value, dict):
         return {key: _finite_or_none(item) for key, item in value.items()}

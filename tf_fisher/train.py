@@ -478,8 +478,8 @@ def main(argv):
             )
         # Every check runs before an earlier run's records are deleted.
         if FLAGS.output_dir:
-            if run.held_by_another(config.output_dir):
-                # Raises the error that names the folder and the lock.
+            if os.path.exists(os.path.join(config.output_dir, run.LOCK_FILE)):
+                # Raises, naming the folder, while another run trains there.
                 with run.folder_lock(config.output_dir, resumable=False):
                     pass
             run.check_run_folder(config.output_dir, FLAGS.overwrite)

@@ -133,6 +133,9 @@ def read_json_object(path, fix):
         ValueError: naming the file and ending with `fix`, the sentence that
             gives the next step, if it is not valid JSON or not an object.
     """
+    # `tf_fisher.run.read_summary` makes the same checks for a run's
+    # summary.json. It is not called here because importing tf_fisher
+    # imports TensorFlow, which the report does not need.
     if not os.path.exists(path):
         return None
     with open(path) as file:
